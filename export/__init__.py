@@ -1,0 +1,1 @@
+"""Export stage: checkpoint.pt -> model.onnx with the recurrent state as explicit input and output."""

@@ -1,0 +1,87 @@
+"""Export proves itself before it reports success: checker, contract, parity with PyTorch, state threading."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from export.contract import violations
+from train.model import CharRNN
+
+TOLERANCE = 1e-4
+SHAPES = ((1, 1), (1, 17), (5, 1), (5, 9))  # (batch, seq): two of each, so nothing fixed can hide
+
+
+@dataclass
+class Report:
+    problems: list[str] = field(default_factory=list)
+    parity: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)  # -> (logits, state)
+    threading: tuple[float, float] = (float("nan"), float("nan"))
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        out = [f"  onnxruntime vs PyTorch, batch {b} seq {s}: max |diff| logits {lo:.2e}, state {st:.2e}"
+               for (b, s), (lo, st) in self.parity.items()]
+        out.append(f"  whole sequence vs one char at a time: max |diff| logits {self.threading[0]:.2e}, "
+                   f"state {self.threading[1]:.2e}")
+        out += [f"  FAIL: {p}" for p in self.problems]
+        return out
+
+
+def session(model_bytes: bytes) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def verify(proto: onnx.ModelProto, model: CharRNN, seed: int = 0) -> Report:
+    report = Report()
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        report.problems.append(f"onnx.checker: {exc}")
+    report.problems += violations(proto)
+    if report.problems:
+        return report
+    sess = session(proto.SerializeToString())
+    rng = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+
+    for batch, seq in SHAPES:
+        ids = torch.randint(0, vocab, (batch, seq), generator=rng)
+        state = torch.randn(batch, model.config.num_layers, model.config.state_size, generator=rng) * 0.5
+        with torch.no_grad():
+            want_logits, want_state = model(ids, state)
+        got_logits, got_state = sess.run(None, {"input_ids": ids.numpy(), "state_in": state.numpy()})
+        if got_logits.shape != tuple(want_logits.shape) or got_state.shape != tuple(want_state.shape):
+            report.problems.append(f"batch {batch} seq {seq}: onnxruntime shapes {got_logits.shape}, "
+                                   f"{got_state.shape}; PyTorch {tuple(want_logits.shape)}, {tuple(want_state.shape)}")
+            continue
+        diff = (_maxdiff(got_logits, want_logits), _maxdiff(got_state, want_state))
+        report.parity[(batch, seq)] = diff
+        if max(diff) > TOLERANCE:
+            report.problems.append(f"batch {batch} seq {seq}: max |diff| {max(diff):.2e} > {TOLERANCE}")
+
+    ids = torch.randint(0, vocab, (3, 12), generator=rng).numpy()
+    zero = np.zeros((3, model.config.num_layers, model.config.state_size), dtype=np.float32)
+    whole_logits, whole_state = sess.run(None, {"input_ids": ids, "state_in": zero})
+    state, steps = zero, []
+    for t in range(ids.shape[1]):
+        logits, state = sess.run(None, {"input_ids": ids[:, t : t + 1], "state_in": state})
+        steps.append(logits)
+    report.threading = (float(np.abs(np.concatenate(steps, axis=1) - whole_logits).max()),
+                        float(np.abs(state - whole_state).max()))
+    if max(report.threading) > TOLERANCE:
+        report.problems.append(f"state threading: max |diff| {max(report.threading):.2e} > {TOLERANCE}")
+    return report
+
+
+def _maxdiff(got: np.ndarray, want: torch.Tensor) -> float:
+    return float(np.abs(got - want.numpy()).max())

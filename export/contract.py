@@ -1,0 +1,70 @@
+"""The ONNX contract between export and every runtime that loads model.onnx (our server, Triton, others).
+
+| name       | direction | dtype   | shape                              |
+|------------|-----------|---------|------------------------------------|
+| input_ids  | input     | int64   | [batch, seq]                       |
+| state_in   | input     | float32 | [batch, num_layers, state_size]    |
+| logits     | output    | float32 | [batch, seq, vocab] (unnormalised) |
+| state_out  | output    | float32 | [batch, num_layers, state_size]    |
+"""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+
+BATCH, SEQ = "batch", "seq"
+INPUTS = ("input_ids", "state_in")
+OUTPUTS = ("logits", "state_out")
+REQUIRED_METADATA = ("vocab", "cell", "num_layers", "hidden_size", "state_size")
+DTYPES = {"input_ids": onnx.TensorProto.INT64, "state_in": onnx.TensorProto.FLOAT,
+          "logits": onnx.TensorProto.FLOAT, "state_out": onnx.TensorProto.FLOAT}
+
+
+def expected_dims(meta: dict[str, str]) -> dict[str, list]:
+    layers, state, vocab = int(meta["num_layers"]), int(meta["state_size"]), len(json.loads(meta["vocab"]))
+    return {
+        "input_ids": [BATCH, SEQ],
+        "state_in": [BATCH, layers, state],
+        "logits": [BATCH, SEQ, vocab],
+        "state_out": [BATCH, layers, state],
+    }
+
+
+def dims_of(value: onnx.ValueInfoProto) -> list:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def violations(model: onnx.ModelProto) -> list[str]:
+    """Every way the graph's interface or metadata departs from the contract; empty means it conforms."""
+    problems = []
+    meta = {p.key: p.value for p in model.metadata_props}
+    for key in REQUIRED_METADATA:
+        if key not in meta:
+            problems.append(f"metadata_props lacks '{key}'")
+    if problems:
+        return problems
+    try:
+        vocab = json.loads(meta["vocab"])
+        assert isinstance(vocab, list) and vocab and all(isinstance(c, str) and len(c) == 1 for c in vocab)
+        assert len(set(vocab)) == len(vocab)
+    except (ValueError, AssertionError):
+        return ["metadata 'vocab' is not a JSON array of distinct single-character strings"]
+    state = int(meta["state_size"])
+    hidden = int(meta["hidden_size"])
+    if state != (2 * hidden if meta["cell"] == "lstm" else hidden):
+        problems.append(f"state_size {state} does not fit cell {meta['cell']} with hidden_size {hidden}")
+    want = expected_dims(meta)
+    for kind, values, names in (("input", model.graph.input, INPUTS), ("output", model.graph.output, OUTPUTS)):
+        got = {v.name: v for v in values}
+        if sorted(got) != sorted(names):
+            problems.append(f"graph {kind}s are {sorted(got)}, expected {sorted(names)}")
+            continue
+        for name in names:
+            if got[name].type.tensor_type.elem_type != DTYPES[name]:
+                problems.append(f"{name} has element type {got[name].type.tensor_type.elem_type}, "
+                                f"expected {DTYPES[name]}")
+            if dims_of(got[name]) != want[name]:
+                problems.append(f"{name} has shape {dims_of(got[name])}, expected {want[name]}")
+    return problems

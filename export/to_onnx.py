@@ -1,0 +1,76 @@
+"""Checkpoint -> ONNX graph with the contract's names, symbolic batch/seq, and metadata_props.
+
+Exporter choice (pinned, and tested by tests/export): torch.onnx.export(dynamo=False), the TorchScript
+exporter. In torch 2.13 the default dynamo exporter freezes nn.RNN's sequence length into the graph, writes
+weights to a side .onnx.data file, and may stamp the example's sequence length on the outputs; the
+TorchScript path emits the ONNX RNN/GRU/LSTM operators with fully dynamic batch and seq, in one file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import warnings
+
+import onnx
+import torch
+
+from export.contract import BATCH, INPUTS, OUTPUTS, SEQ
+from train.model import CharRNN, ModelConfig
+
+OPSET = 17  # the ONNX RNN/GRU/LSTM ops and every runtime we target (onnxruntime >= 1.11, Triton) agree here
+
+
+def rebuild(ckpt: dict) -> CharRNN:
+    model = CharRNN(ModelConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model_state"])
+    return model.eval()
+
+
+def to_onnx(model: CharRNN, vocab: list[str], provenance: dict[str, str]) -> onnx.ModelProto:
+    cfg = model.config
+    ids = torch.zeros(2, 3, dtype=torch.long)  # batch != seq so no dim can be confused with the other
+    state = model.init_state(2)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of dynamo, which is wrong for us (see above).
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        # nn.RNN's Python-side shape assertions trace as constants; they check shapes, not data flow.
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*Exporting a model to ONNX with a batch_size other.*")
+        torch.onnx.export(
+            model, (ids, state), buffer, dynamo=False, opset_version=OPSET,
+            input_names=list(INPUTS), output_names=list(OUTPUTS),
+            dynamic_axes={"input_ids": {0: BATCH, 1: SEQ}, "state_in": {0: BATCH},
+                          "logits": {0: BATCH, 1: SEQ}, "state_out": {0: BATCH}},
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    meta = {
+        "vocab": json.dumps(vocab, ensure_ascii=False),
+        "cell": cfg.cell,
+        "num_layers": str(cfg.num_layers),
+        "hidden_size": str(cfg.hidden_size),
+        "state_size": str(cfg.state_size),
+        "producer": "charrnn",
+        "torch_version": str(torch.__version__),
+        "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **provenance,
+    }
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.producer_name = "charrnn"
+    proto.doc_string = "charrnn char-level RNN; recurrent state is the explicit state_in/state_out pair"
+    return proto
+
+
+def provenance_of(summary: dict) -> dict[str, str]:
+    val = summary.get("best_val_loss")
+    return {
+        "corpus": str(summary.get("corpus", "")),
+        "steps": str(summary.get("steps", "")),
+        "chars_seen": str(summary.get("chars_seen", "")),
+        "val_loss": "" if val is None else f"{val:.6f}",
+        "train_seconds": str(summary.get("seconds", "")),
+    }

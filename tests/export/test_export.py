@@ -1,0 +1,143 @@
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.check import verify
+from export.contract import violations
+from export.to_onnx import rebuild, to_onnx
+from support import run_stage
+from train import checkpoint
+
+CELLS = ("rnn", "gru", "lstm")
+
+
+def _dims(value):
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_contract_in_the_written_file(text_runs, cell):
+    path = text_runs[cell] / "model.onnx"
+    assert not list(text_runs[cell].glob("*.data")), "weights must stay inside model.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    assert all(not t.external_data for t in model.graph.initializer)
+    state = 64 if cell == "lstm" else 32
+    vocab = len(json.loads({p.key: p.value for p in model.metadata_props}["vocab"]))
+    inputs = {v.name: v for v in model.graph.input}
+    outputs = {v.name: v for v in model.graph.output}
+    assert list(inputs) == ["input_ids", "state_in"] and list(outputs) == ["logits", "state_out"]
+    assert inputs["input_ids"].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    for v in (inputs["state_in"], outputs["logits"], outputs["state_out"]):
+        assert v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    # batch and seq are symbolic on inputs and outputs: nothing from the example input leaked in.
+    assert _dims(inputs["input_ids"]) == ["batch", "seq"]
+    assert _dims(inputs["state_in"]) == ["batch", 2, state]
+    assert _dims(outputs["logits"]) == ["batch", "seq", vocab]
+    assert _dims(outputs["state_out"]) == ["batch", 2, state]
+    assert violations(model) == []
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_metadata(text_runs, cell):
+    model = onnx.load(str(text_runs[cell] / "model.onnx"))
+    meta = {p.key: p.value for p in model.metadata_props}
+    ckpt = checkpoint.load(text_runs[cell])
+    assert json.loads(meta["vocab"]) == ckpt["vocab"]
+    assert meta["cell"] == cell and meta["num_layers"] == "2" and meta["hidden_size"] == "32"
+    assert meta["state_size"] == str(64 if cell == "lstm" else 32)
+    assert meta["steps"] == "5" and meta["corpus"].endswith("tiny.txt")
+    assert float(meta["val_loss"]) == pytest.approx(ckpt["summary"]["best_val_loss"], abs=1e-6)
+    assert meta["torch_version"].startswith("2.13") and meta["exported_at"].endswith("+00:00")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_runs_at_any_batch_and_length_and_matches_pytorch(text_runs, cell):
+    ckpt = checkpoint.load(text_runs[cell])
+    model = rebuild(ckpt)
+    sess = ort.InferenceSession(str(text_runs[cell] / "model.onnx"), providers=["CPUExecutionProvider"])
+    rng = torch.Generator().manual_seed(1)
+    for batch, seq in ((1, 1), (7, 3), (2, 41), (64, 1)):
+        ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=rng)
+        state = torch.randn(batch, 2, model.config.state_size, generator=rng)
+        logits, new_state = sess.run(None, {"input_ids": ids.numpy(), "state_in": state.numpy()})
+        with torch.no_grad():
+            want_logits, want_state = model(ids, state)
+        assert np.abs(logits - want_logits.numpy()).max() <= 1e-4
+        assert np.abs(new_state - want_state.numpy()).max() <= 1e-4
+
+
+def test_exporter_keeps_the_recurrent_ops(text_runs):
+    """The pinned TorchScript path emits ONNX RNN/GRU/LSTM ops (dynamo unrolls or freezes nn.RNN)."""
+    for cell, op in (("rnn", "RNN"), ("gru", "GRU"), ("lstm", "LSTM")):
+        model = onnx.load(str(text_runs[cell] / "model.onnx"))
+        assert op in {n.op_type for n in model.graph.node}, cell
+
+
+def test_export_prints_its_checks(tmp_path, tiny_corpus):
+    run_stage("train", "--corpus", str(tiny_corpus), "--hidden", "8", "--layers", "1", "--steps", "2",
+              "--batch-size", "2", "--seq-len", "8", "--out", str(tmp_path))
+    proc = run_stage("export", str(tmp_path))
+    assert proc.stdout.count("onnxruntime vs PyTorch") >= 4
+    assert "one char at a time" in proc.stdout and "wrote" in proc.stdout
+
+
+def test_verify_catches_a_broken_graph(text_runs):
+    ckpt = checkpoint.load(text_runs["gru"])
+    model = rebuild(ckpt)
+    proto = to_onnx(model, ckpt["vocab"], {})
+    for node in proto.graph.initializer:  # corrupt the projection bias: parity must fail
+        if node.dims == [len(ckpt["vocab"])]:
+            arr = onnx.numpy_helper.to_array(node).copy() + 1.0
+            node.CopyFrom(onnx.numpy_helper.from_array(arr, node.name))
+    report = verify(proto, model)
+    assert not report.ok and any("max |diff|" in p for p in report.problems)
+
+
+def test_contract_violations_are_named(text_runs):
+    proto = onnx.load(str(text_runs["rnn"] / "model.onnx"))
+    proto.graph.input[0].name = "tokens"
+    assert any("graph inputs" in p for p in violations(proto))
+    proto = onnx.load(str(text_runs["rnn"] / "model.onnx"))
+    for p in proto.metadata_props:
+        if p.key == "vocab":
+            p.value = '"abc"'
+    assert violations(proto) == ["metadata 'vocab' is not a JSON array of distinct single-character strings"]
+
+
+def test_missing_and_corrupt_checkpoint_exit_nonzero(tmp_path):
+    proc = run_stage("export", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "no checkpoint" in proc.stderr and str(tmp_path) in proc.stderr
+    (tmp_path / "checkpoint.pt").write_bytes(b"\x80\x04 definitely not a checkpoint")
+    proc = run_stage("export", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "not a readable checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_contract_only_consumer_gets_ihello(hihell_run):
+    """What an outside runtime does, knowing only the contract table: no torch, no project code."""
+    sess = ort.InferenceSession(str(hihell_run / "model.onnx"), providers=["CPUExecutionProvider"])
+    meta = sess.get_modelmeta().custom_metadata_map
+    vocab = json.loads(meta["vocab"])
+    ids = np.array([[vocab.index(c) for c in "hihell"]], dtype=np.int64)
+    zero = np.zeros((1, int(meta["num_layers"]), int(meta["state_size"])), dtype=np.float32)
+    logits, final = sess.run(["logits", "state_out"], {"input_ids": ids, "state_in": zero})
+    assert "".join(vocab[i] for i in logits[0].argmax(-1)) == "ihello"
+    state, stepped = zero, []
+    for t in range(6):
+        step_logits, state = sess.run(None, {"input_ids": ids[:, t : t + 1], "state_in": state})
+        stepped.append(step_logits)
+    assert np.abs(np.concatenate(stepped, axis=1) - logits).max() <= 1e-5
+    assert np.abs(state - final).max() <= 1e-5
+
+
+def test_sample_reads_only_the_onnx_file(text_runs, capsys):
+    from export.sample import sample
+
+    text = sample(str(text_runs["gru"] / "model.onnx"), "it was", 30, 0.8, seed=5)
+    again = sample(str(text_runs["gru"] / "model.onnx"), "it was", 30, 0.8, seed=5)
+    assert len(text) == 30 and text == again

@@ -1,0 +1,1 @@
+"""Training stage: fits a character-level RNN (RNN, GRU or LSTM) in PyTorch. Run as `python -m train`."""

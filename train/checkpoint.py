@@ -1,0 +1,62 @@
+"""The checkpoint file: a plain dict of tensors and builtins, loadable with torch.load(weights_only=True).
+
+It carries everything export needs (weights, model config, vocabulary, training summary), so nothing else
+travels from train to export. Writes are atomic: a crash mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "charrnn-checkpoint"
+VERSION = 1
+FILENAME = "checkpoint.pt"
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, unreadable or not one of ours."""
+
+
+def save(path: Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the export and serve containers run as other users
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load(path: Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint (train with `python -m train --out {path.parent}`)")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file; all mean the same here
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a charrnn checkpoint")
+    if data.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {data.get('version')}, this code reads {VERSION}")
+    for key in ("model_state", "model_config", "vocab", "summary"):
+        if key not in data:
+            raise CheckpointError(f"{path}: checkpoint lacks '{key}'")
+    return data
