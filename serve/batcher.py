@@ -255,6 +255,7 @@ class Engine:
                 stepped = self._step() if self._active else False
             except Exception:  # noqa: BLE001 - keep serving; fail only the requests in flight
                 log.exception("engine iteration failed")
+                self._active.extend(i for i in items if isinstance(i, Stream) and not i.done and i not in self._active)
                 self._fail_all([i for i in items if isinstance(i, _Job)], EngineFailure("model execution failed"))
                 stepped = False
 
