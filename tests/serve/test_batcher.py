@@ -40,8 +40,10 @@ def test_max_batch_splits_the_step_but_not_the_results(runtime):
     def many(engine):
         return run(engine, lambda: asyncio.gather(*(collect(engine, p, i, 40) for i, p in enumerate(prompts))))
 
-    wide, narrow = Engine(runtime, max_batch=256), Engine(runtime, max_batch=2)
-    assert many(narrow) == many(wide)
+    wide, narrow, parking = Engine(runtime, max_batch=256), Engine(runtime, max_batch=2), Engine(runtime, window=1)
+    expected = many(wide)
+    assert many(narrow) == expected
+    assert many(parking) == expected  # streams parked and re-batched every character keep their state
     assert narrow.stats["step_calls"] >= 3 * 39 and wide.stats["step_calls"] < 3 * 39
     assert all(r[-1][2] is Finish.LENGTH for r in many(Engine(runtime)))
 
