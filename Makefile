@@ -23,5 +23,14 @@ demo: install
 	$(BIN)/python -m export $(DEMO_DIR)
 	$(BIN)/python -m export.sample $(DEMO_DIR)/model.onnx --prompt "The " --chars 400
 
+# Regenerates the committed gRPC stubs in serve/pb/ from protos/. The -I mapping places the proto at
+# serve/pb/charrnn/v1/charrnn.proto for protoc, so generated imports read `serve.pb.charrnn.v1...`
+# with no post-processing. PROTO_OUT lets the stub test regenerate elsewhere and diff.
+PROTO_OUT ?= .
+protos:
+	$(BIN)/python -m grpc_tools.protoc -Iserve/pb=protos \
+		--python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
+		protos/charrnn/v1/charrnn.proto
+
 clean:
 	rm -rf $(VENV) runs

@@ -1,0 +1,398 @@
+"""The engine: continuous batching of every stream's next character into one onnxruntime call.
+
+Where the state lives: a Generate stream's recurrent state sits in a row of its step batch's
+device state (numpy on CPU, an OrtValue on CUDA) while it is being stepped, and in `Stream.state`
+(host) only while it waits outside a batch. Predict and Step carry their own host state.
+
+Threads: one worker thread owns the runtime and runs everything here; the asyncio loop only
+enqueues work and consumes results. Per onnxruntime call the worker hands results back with ONE
+`loop.call_soon_threadsafe`, so the loop sends step k's characters while the worker computes step
+k+1. Knows nothing about gRPC.
+
+Each engine iteration:
+  1. Predict/Step jobs: grouped by text length, one call per group (seq = length).
+  2. New Generate streams: prompts grouped by length, one call per group (seq = prompt length),
+     then their first characters are sampled together.
+  3. One step of every active stream: one call per `max_batch` rows, vectorised sampling.
+A stream whose consumer lags `window` characters behind sits out (parked) until it catches up.
+`max_batch=1` is the unbatched mode: every stream gets its own call per character.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from serve import sampling
+from serve.errors import ServeError, Unavailable
+from serve.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class Finish(enum.IntEnum):
+    """Why a stream ended (NONE on every character but the last)."""
+
+    NONE = 0
+    LENGTH = 1
+    STOP = 2
+
+
+class EngineFailure(ServeError):
+    """onnxruntime failed while this request was in the batch (the details are in the server log)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0            # 0 = off
+    top_p: float = 1.0        # 1 = off
+    seed: int | None = None   # None = a fresh random seed
+
+
+class Stream:
+    """One Generate request inside the engine; iterate it (on the loop) for (token, logprob, finish).
+
+    `consumed` and `cancelled` are written by the loop thread, everything else by the engine thread.
+    """
+
+    def __init__(self, prompt: np.ndarray, params: SamplingParams, max_chars: int, stops: Sequence[str],
+                 vocab: Sequence[str]) -> None:
+        self.prompt = prompt
+        self.params = params
+        self.seed = params.seed if params.seed is not None else secrets.randbits(64)
+        self.generator = np.random.default_rng(self.seed)
+        self.max_chars = max_chars
+        self.stops = tuple(stops)
+        self._stop_len = max((len(s) for s in self.stops), default=0)
+        self._vocab = vocab
+        self.tail = ""
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.produced = 0
+        self.consumed = 0
+        self.cancelled = False
+        self.done = False
+        self.token = -1
+        self.state: np.ndarray | None = None
+        self._ended = False  # loop side: the last item has been handed out
+
+    def emitted(self, token: int) -> Finish:
+        """Engine side: records one produced token and says whether the stream ends with it."""
+        self.produced += 1
+        self.token = token
+        finish = Finish.NONE
+        if self._stop_len:
+            self.tail = (self.tail + self._vocab[token])[-self._stop_len:]
+            if any(self.tail.endswith(s) for s in self.stops):
+                finish = Finish.STOP
+        if not finish and self.produced >= self.max_chars:
+            finish = Finish.LENGTH
+        self.done = bool(finish)
+        return finish
+
+    def close(self) -> None:
+        """Loop side: the consumer is gone; the engine drops the stream at its next step."""
+        self.cancelled = True
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> tuple[int, float, Finish]:
+        if self._ended:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self._ended = True
+            raise item
+        self.consumed += 1
+        self._ended = item[2] is not Finish.NONE
+        return item
+
+
+@dataclass
+class _Job:
+    """A Predict/Step request: feed ids from a host state, return all logits and the final state."""
+
+    ids: np.ndarray
+    state: np.ndarray | None
+    future: asyncio.Future[tuple[np.ndarray, np.ndarray]]
+
+
+class _Batch:
+    """Up to max_batch streams stepped by one onnxruntime call; their state stays on the device."""
+
+    def __init__(self, rows: list[Stream], state: Any) -> None:
+        self.rows = rows
+        self.state = state
+        self.temperature = np.array([s.params.temperature for s in rows], dtype=np.float64)
+        self.top_k = np.array([s.params.top_k for s in rows], dtype=np.int64)
+        self.top_p = np.array([s.params.top_p for s in rows], dtype=np.float64)
+        self.generators = [s.generator for s in rows]
+
+
+_STOP = object()
+
+
+def _group(items: list[Any], length: Any, size: int) -> list[list[Any]]:
+    """Items with equal `length(item)` in chunks of at most `size`, in arrival order."""
+    groups: dict[int, list[Any]] = {}
+    for item in items:
+        groups.setdefault(length(item), []).append(item)
+    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
+def _deliver(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+def _resolve(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, value, error in items:
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+
+class Engine:
+    """Owns the runtime; `start(loop)` runs the worker thread, `stop()` ends it."""
+
+    def __init__(self, runtime: Runtime, max_batch: int = 256, max_delay_us: int = 200,
+                 window: int = 1024) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.runtime = runtime
+        self.vocab = runtime.spec.vocab
+        self.max_batch = max_batch
+        self.max_delay = max_delay_us / 1e6
+        self.window = window
+        self.first_logprobs = self._empty_prompt_logprobs()
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._active: list[Stream] = []
+        self._rows: list[Stream] = []
+        self._batches: list[_Batch] = []
+        self.stats = {"step_calls": 0, "step_rows": 0, "prefill_calls": 0, "job_calls": 0, "ort_seconds": 0.0}
+
+    def _empty_prompt_logprobs(self) -> np.ndarray:
+        """log of mean_c softmax(logits(zero state, c)): how an empty prompt's first char is drawn."""
+        vocab = len(self.vocab)
+        ids = np.arange(vocab, dtype=np.int64).reshape(vocab, 1)
+        logits, _ = self.runtime.run(ids, self.runtime.zero_state(vocab))
+        probs = np.exp(sampling.log_softmax(logits[:, 0, :])).mean(axis=0)
+        return np.log(probs)
+
+    # ---- loop side -------------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="charrnn-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._inbox.put(_STOP)
+            self._thread.join()
+
+    def _check_running(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            raise Unavailable("the engine is not running")
+
+    def generate(self, prompt: np.ndarray, params: SamplingParams, max_chars: int,
+                 stops: Sequence[str] = ()) -> Stream:
+        """Registers a Generate stream; iterate the result for its characters, `close()` it when done."""
+        self._check_running()
+        stream = Stream(prompt, params, max_chars, stops, self.vocab)
+        self._inbox.put(stream)
+        return stream
+
+    async def predict(self, ids: np.ndarray, state: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Feeds ids [T] from state (None = zero state): logits [T, V] and the state after the last id."""
+        self._check_running()
+        assert self._loop is not None
+        future: asyncio.Future[tuple[np.ndarray, np.ndarray]] = self._loop.create_future()
+        self._inbox.put(_Job(ids, state, future))
+        return await future
+
+    # ---- worker side -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        stepped = False
+        while True:
+            if not self._active:
+                wait: float | None = None
+            else:
+                wait = 0.0 if stepped else 0.005  # all parked: poll until a consumer catches up
+            items = self._receive(wait, idle=not self._active)
+            if any(item is _STOP for item in items):
+                self._shutdown(items)
+                return
+            try:
+                jobs = [i for i in items if isinstance(i, _Job)]
+                fresh = [i for i in items if isinstance(i, Stream)]
+                if jobs:
+                    self._run_jobs(jobs)
+                if fresh:
+                    self._admit(fresh)
+                stepped = self._step() if self._active else False
+            except Exception:  # noqa: BLE001 - keep serving; fail only the requests in flight
+                log.exception("engine iteration failed")
+                self._fail_all([i for i in items if isinstance(i, _Job)], EngineFailure("model execution failed"))
+                stepped = False
+
+    def _receive(self, wait: float | None, idle: bool) -> list[Any]:
+        items: list[Any] = []
+        try:
+            items.append(self._inbox.get(timeout=wait) if wait != 0.0 else self._inbox.get_nowait())
+        except queue.Empty:
+            return items
+        if idle and self.max_delay > 0:  # starting from idle: give concurrent arrivals a moment
+            deadline = time.perf_counter() + self.max_delay
+            while len(items) < self.max_batch:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                try:
+                    items.append(self._inbox.get(timeout=left))
+                except queue.Empty:
+                    break
+        while True:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _post(self, callback: Any, payload: list[Any]) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, payload)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    def _ort(self, call: Any, *args: Any) -> Any:
+        start = time.perf_counter()
+        result = call(*args)
+        self.stats["ort_seconds"] += time.perf_counter() - start
+        return result
+
+    def _run_jobs(self, jobs: list[_Job]) -> None:
+        jobs = [j for j in jobs if not j.future.cancelled()]
+        for group in _group(jobs, lambda j: len(j.ids), self.max_batch):
+            ids = np.stack([j.ids for j in group])
+            state = self.runtime.zero_state(len(group))
+            for i, job in enumerate(group):
+                if job.state is not None:
+                    state[i] = job.state
+            try:
+                logits, state_out = self._ort(self.runtime.run, ids, state)
+            except Exception:  # noqa: BLE001
+                log.exception("onnxruntime failed on a Predict/Step batch")
+                self._post(_resolve, [(j.future, None, EngineFailure("model execution failed")) for j in group])
+                continue
+            self.stats["job_calls"] += 1
+            self._post(_resolve, [(j.future, (logits[i], state_out[i]), None) for i, j in enumerate(group)])
+
+    def _admit(self, fresh: list[Stream]) -> None:
+        fresh = [s for s in fresh if not s.cancelled]
+        if not fresh:
+            return
+        first: dict[int, np.ndarray] = {}
+        prompted = [s for s in fresh if len(s.prompt)]
+        for group in _group(prompted, lambda s: len(s.prompt), self.max_batch):
+            ids = np.stack([s.prompt for s in group])
+            logits, state_out = self._ort(self.runtime.run, ids, self.runtime.zero_state(len(group)))
+            self.stats["prefill_calls"] += 1
+            for i, s in enumerate(group):
+                s.state = state_out[i]
+                first[id(s)] = logits[i, -1]
+        zero = self.runtime.zero_state(1)[0]
+        for s in fresh:
+            if not len(s.prompt):
+                s.state = zero
+                first[id(s)] = self.first_logprobs
+        logits = np.stack([first[id(s)] for s in fresh])
+        self._sample_and_deliver(fresh, logits, *self._params(fresh), sampling.draw([s.generator for s in fresh]))
+        self._active.extend(s for s in fresh if not s.done)
+
+    @staticmethod
+    def _params(rows: list[Stream]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        b = _Batch(rows, None)
+        return b.temperature, b.top_k, b.top_p
+
+    def _sample_and_deliver(self, rows: list[Stream], logits: np.ndarray, temperature: np.ndarray,
+                            top_k: np.ndarray, top_p: np.ndarray, uniforms: np.ndarray) -> bool:
+        tokens, logprobs = sampling.sample(logits, temperature, top_k, top_p, uniforms)
+        out = []
+        ended = False
+        for s, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
+            finish = s.emitted(token)
+            ended = ended or bool(finish)
+            out.append((s.queue, (token, logprob, finish)))
+        self._post(_deliver, out)
+        return ended
+
+    def _step(self) -> bool:
+        """One character for every stream that may run; False when all of them are parked."""
+        if any(s.cancelled for s in self._active):
+            self._active = [s for s in self._active if not s.cancelled]
+        window = self.window
+        rows = [s for s in self._active if s.produced - s.consumed < window]
+        if rows != self._rows:
+            self._rebuild(rows)
+        ended = False
+        for batch in self._batches:
+            ids = np.fromiter((s.token for s in batch.rows), dtype=np.int64, count=len(batch.rows))
+            logits, batch.state = self._ort(self.runtime.step, ids.reshape(-1, 1), batch.state)
+            self.stats["step_calls"] += 1
+            self.stats["step_rows"] += len(batch.rows)
+            uniforms = sampling.draw(batch.generators)
+            ended |= self._sample_and_deliver(batch.rows, logits, batch.temperature, batch.top_k, batch.top_p,
+                                              uniforms)
+        if ended:
+            self._active = [s for s in self._active if not s.done]
+        return bool(rows)
+
+    def _rebuild(self, rows: list[Stream]) -> None:
+        """The set of running streams changed: park their states on the host and re-form batches."""
+        for batch in self._batches:
+            host = self.runtime.download(batch.state)
+            for i, s in enumerate(batch.rows):
+                s.state = host[i]
+        self._batches = []
+        for i in range(0, len(rows), self.max_batch):
+            chunk = rows[i:i + self.max_batch]
+            states = np.stack([s.state for s in chunk])  # type: ignore[misc]
+            self._batches.append(_Batch(chunk, self.runtime.upload(states)))
+        self._rows = rows
+
+    def _fail_all(self, jobs: list[_Job], error: ServeError) -> None:
+        self._post(_resolve, [(j.future, None, error) for j in jobs])
+        self._post(_deliver, [(s.queue, error) for s in self._active])
+        for s in self._active:
+            s.done = True
+        self._active, self._rows, self._batches = [], [], []
+
+    def _shutdown(self, items: list[Any]) -> None:
+        error = Unavailable("the server is shutting down")
+        self._active.extend(i for i in items if isinstance(i, Stream))
+        self._fail_all([i for i in items if isinstance(i, _Job)], error)
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Job):
+                self._post(_resolve, [(item.future, None, error)])
+            elif isinstance(item, Stream):
+                self._post(_deliver, [(item.queue, error)])

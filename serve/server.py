@@ -1,0 +1,89 @@
+"""Assembles the gRPC server: CharRNN service, health, reflection, and the engine's lifetime.
+
+    python -m serve --model runs/demo/model.onnx     # prints one ready line, then serves
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from serve.batcher import Engine
+from serve.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from serve.runtime import Runtime
+from serve.service import CharRNNService
+from serve.servicer import CharRNNServicer
+from serve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CharRNN"].full_name  # "charrnn.v1.CharRNN"
+
+
+class Server:
+    """A bound grpc.aio server plus the engine thread whose lifetime it shares."""
+
+    def __init__(self, grpc_server: grpc.aio.Server, engine: Engine, health_servicer: health.aio.HealthServicer,
+                 address: str, provider: str) -> None:
+        self.grpc = grpc_server
+        self.engine = engine
+        self.health = health_servicer
+        self.address = address
+        self.provider = provider
+
+    async def start(self) -> None:
+        self.engine.start(asyncio.get_running_loop())
+        await self.grpc.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.grpc.stop(grace)
+        self.engine.stop()
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc.wait_for_termination()
+
+
+def create_server(settings: Settings) -> tuple[Server, int]:
+    """Loads and checks the model, binds the port; call `await server.start()` to serve.
+
+    Raises ModelError / DeviceError when the model or the device cannot be used.
+    """
+    runtime = Runtime(settings.model, settings.device, settings.threads)
+    engine = Engine(runtime, settings.max_batch, settings.max_delay_us)
+    service = CharRNNService(engine, runtime.provider, settings.max_chars, settings.state_key.encode())
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_CharRNNServicer_to_server(CharRNNServicer(service), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    port = server.add_insecure_port(f"{host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {host}:{settings.port}")
+    return Server(server, engine, health_servicer, f"{host}:{port}", runtime.provider), port
+
+
+async def serve(settings: Settings) -> None:
+    """Runs until SIGINT/SIGTERM; prints the ready line once the server accepts calls."""
+    server, _ = create_server(settings)
+    await server.start()
+    print(f"charrnn serving {settings.model} on {server.address} ({server.provider})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.ensure_future(server.wait_for_termination()), asyncio.ensure_future(stop.wait())]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    log.info("shutting down")
+    await server.stop(grace=2.0)
+    for task in tasks:
+        task.cancel()

@@ -1,0 +1,113 @@
+"""Transport-free request handling: validation, text <-> token ids, and calls into the engine.
+
+The servicer converts protobuf messages to these calls and back; nothing here knows about gRPC.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from serve import sampling
+from serve.batcher import Engine, SamplingParams, Stream
+from serve.codec import StateCodec
+from serve.errors import InvalidArgument
+from serve.runtime import ModelSpec
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's guess after one input character."""
+
+    input: str
+    next: str
+    probability: float
+    top: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    state: bytes
+    prediction: Prediction
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    spec: ModelSpec
+    execution_provider: str
+    max_chars: int
+
+
+class CharRNNService:
+    """What the API does, for one loaded model."""
+
+    def __init__(self, engine: Engine, provider: str, max_chars: int, state_secret: bytes = b"") -> None:
+        self.engine = engine
+        self.spec = engine.runtime.spec
+        self.provider = provider
+        self.max_chars = max_chars
+        self.codec = StateCodec(self.spec.sha256, self.spec.num_layers, self.spec.state_size, state_secret)
+        self.vocab = self.spec.vocab
+        self._ids = {c: i for i, c in enumerate(self.vocab)}
+
+    def encode(self, text: str, what: str) -> np.ndarray:
+        """Token ids for text; InvalidArgument naming every character the model does not know."""
+        ids = self._ids
+        try:
+            return np.fromiter((ids[c] for c in text), dtype=np.int64, count=len(text))
+        except KeyError:
+            unknown = list(dict.fromkeys(c for c in text if c not in ids))
+            shown = ", ".join(repr(c) for c in unknown[:20]) + (", ..." if len(unknown) > 20 else "")
+            raise InvalidArgument(f"{what} has characters outside the model's vocabulary: {shown}") from None
+
+    def generate(self, prompt: str, max_chars: int, temperature: float | None = None, top_k: int = 0,
+                 top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = ()) -> Stream:
+        """Validates a Generate request and starts its stream in the engine."""
+        if not 0 < max_chars <= self.max_chars:
+            raise InvalidArgument(f"max_chars must be in 1..{self.max_chars}, got {max_chars}")
+        if temperature is None:
+            temperature = 1.0
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise InvalidArgument(f"temperature must be a finite number >= 0, got {temperature}")
+        if top_p is None:
+            top_p = 1.0
+        if not 0 < top_p <= 1:  # also rejects NaN
+            raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")
+        ids = self.encode(prompt, "prompt")
+        for i, s in enumerate(stop):
+            if not s:
+                raise InvalidArgument(f"stop[{i}] is empty")
+            self.encode(s, f"stop[{i}]")
+        params = SamplingParams(float(temperature), int(top_k), float(top_p), seed)
+        return self.engine.generate(ids, params, max_chars, tuple(stop))
+
+    def _predictions(self, text: str, logits: np.ndarray, top_k: int) -> list[Prediction]:
+        best, prob, top, top_prob = sampling.most_likely(logits, top_k)
+        vocab = self.vocab
+        return [Prediction(c, vocab[b], p, tuple(zip((vocab[t] for t in ts), tp)))
+                for c, b, p, ts, tp in zip(text, best.tolist(), prob.tolist(), top.tolist(), top_prob.tolist())]
+
+    async def predict(self, text: str, top_k: int, state: np.ndarray | None) -> tuple[list[Prediction], np.ndarray]:
+        """One prediction per character of text, from state (None = initial); returns the new state."""
+        if not text:
+            raise InvalidArgument("text is empty: send one or more characters")
+        ids = self.encode(text, "text")
+        logits, state_out = await self.engine.predict(ids, state)
+        return self._predictions(text, logits, top_k), state_out
+
+    async def step(self, state: bytes, text: str, top_k: int) -> StepResult:
+        """Predict with the state carried by the client as bytes."""
+        if not text:
+            raise InvalidArgument("text is empty: send one or more characters")
+        ids = self.encode(text, "text")
+        start = self.codec.decode(state)
+        logits, state_out = await self.engine.predict(ids, start)
+        last = self._predictions(text[-1], logits[-1:], top_k)[0]
+        return StepResult(self.codec.encode(state_out), last)
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(self.spec, self.provider, self.max_chars)
+
