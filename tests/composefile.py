@@ -19,6 +19,10 @@ from support import ROOT
 COMPOSE = ROOT / "docker-compose.yml"
 GPU_OVERRIDE = ROOT / "docker-compose.gpu.yml"
 
+# The seconds-long settings docs/deployment.md shows for a smoke run, and the compose test runs with.
+SMOKE_ENV = {"CHARRNN_CORPUS": "hihell", "CHARRNN_CELL": "rnn", "CHARRNN_LAYERS": "1", "CHARRNN_HIDDEN": "8",
+             "CHARRNN_TIME_BUDGET": "2"}
+
 _VAR = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[^}]*)\}|(?P<named>[A-Za-z_][A-Za-z0-9_]*))")
 _BRACED = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:-|-)(?P<default>.*))?$", re.S)
 

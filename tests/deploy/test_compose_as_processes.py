@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from composefile import active_services, environment, load, mounts, start_order
+from composefile import SMOKE_ENV, active_services, environment, load, mounts, start_order
 from support import ROOT
 
 pytestmark = pytest.mark.skipif(not (ROOT / "serve/__main__.py").exists(),
@@ -30,8 +30,7 @@ pytestmark = pytest.mark.skipif(not (ROOT / "serve/__main__.py").exists(),
 
 CONTAINER_PORT = "50051"
 # The knobs docs/deployment.md tells users to set; here they make training take seconds.
-SMALL = {"CHARRNN_CORPUS": "hihell", "CHARRNN_CELL": "rnn", "CHARRNN_LAYERS": "1", "CHARRNN_HIDDEN": "8",
-         "CHARRNN_TIME_BUDGET": "2", "CHARRNN_TRAIN_DEVICE": "cpu"}
+SMALL = {**SMOKE_ENV, "CHARRNN_TRAIN_DEVICE": "cpu"}
 
 
 def free_port() -> int:
