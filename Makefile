@@ -18,10 +18,17 @@ $(STAMP): requirements/train.txt requirements/export.txt requirements/serve.txt 
 test: install
 	$(BIN)/python -m pytest
 
+# train (short) -> export -> start the server on a free port -> stream a sample through the client -> stop.
 demo: install
 	$(BIN)/python -m train --time-budget $(DEMO_BUDGET) --out $(DEMO_DIR)
 	$(BIN)/python -m export $(DEMO_DIR)
-	$(BIN)/python -m export.sample $(DEMO_DIR)/model.onnx --prompt "The " --chars 400
+	@$(BIN)/python -m serve --model $(DEMO_DIR)/model.onnx --port 0 >$(DEMO_DIR)/serve.log 2>&1 & pid=$$!; \
+	trap 'kill $$pid 2>/dev/null' EXIT; \
+	for i in $$(seq 300); do grep -q '^charrnn serving' $(DEMO_DIR)/serve.log && break; \
+		kill -0 $$pid 2>/dev/null || { cat $(DEMO_DIR)/serve.log; exit 1; }; sleep 0.1; done; \
+	head -n1 $(DEMO_DIR)/serve.log; \
+	target=$$(sed -n 's/^charrnn serving .* on \([^ ]*\) (.*/\1/p' $(DEMO_DIR)/serve.log); \
+	$(BIN)/python -m serve.client generate --target $$target --prompt "The " --max-chars 400 --temperature 0.8
 
 # Regenerates the committed gRPC stubs in serve/pb/ from protos/. The -I mapping places the proto at
 # serve/pb/charrnn/v1/charrnn.proto for protoc, so generated imports read `serve.pb.charrnn.v1...`

@@ -5,9 +5,9 @@ device state (numpy on CPU, an OrtValue on CUDA) while it is being stepped, and 
 (host) only while it waits outside a batch. Predict and Step carry their own host state.
 
 Threads: one worker thread owns the runtime and runs everything here; the asyncio loop only
-enqueues work and consumes results. Per onnxruntime call the worker hands results back with ONE
-`loop.call_soon_threadsafe`, so the loop sends step k's characters while the worker computes step
-k+1. Knows nothing about gRPC.
+enqueues work and consumes results. Per onnxruntime call the worker appends the whole batch's results to an
+outbox and wakes the loop (`call_soon_threadsafe`) only when it is not already due to drain it, so
+the loop sends step k's characters while the worker computes step k+1. Knows nothing about gRPC.
 
 Each engine iteration:
   1. Predict/Step jobs: grouped by text length, one call per group (seq = length).
@@ -21,6 +21,7 @@ A stream whose consumer lags `window` characters behind sits out (parked) until 
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import logging
 import queue
@@ -134,13 +135,17 @@ class _Batch:
     def __init__(self, rows: list[Stream], state: Any) -> None:
         self.rows = rows
         self.state = state
-        self.temperature = np.array([s.params.temperature for s in rows], dtype=np.float64)
-        self.top_k = np.array([s.params.top_k for s in rows], dtype=np.int64)
-        self.top_p = np.array([s.params.top_p for s in rows], dtype=np.float64)
+        self.params = row_params(rows)
         self.generators = [s.generator for s in rows]
 
 
 _STOP = object()
+
+
+def row_params(rows: list[Stream]) -> sampling.RowParams:
+    return sampling.RowParams(np.array([s.params.temperature for s in rows], dtype=np.float64),
+                              np.array([s.params.top_k for s in rows], dtype=np.int64),
+                              np.array([s.params.top_p for s in rows], dtype=np.float64))
 
 
 def _group(items: list[Any], length: Any, size: int) -> list[list[Any]]:
@@ -180,6 +185,8 @@ class Engine:
         self.window = window
         self.first_logprobs = self._empty_prompt_logprobs()
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._outbox: collections.deque[tuple[Any, list[Any]]] = collections.deque()
+        self._wake_pending = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._active: list[Stream] = []
@@ -274,11 +281,23 @@ class Engine:
                 return items
 
     def _post(self, callback: Any, payload: list[Any]) -> None:
-        assert self._loop is not None
-        try:
-            self._loop.call_soon_threadsafe(callback, payload)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
+        """Hands results to the loop; wakes it (a syscall) only if it has not been woken already."""
+        self._outbox.append((callback, payload))
+        if not self._wake_pending:
+            self._wake_pending = True
+            assert self._loop is not None
+            try:
+                self._loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+    def _drain(self) -> None:
+        """Loop side: runs everything posted so far (clear the flag first, then drain: no lost wake-up)."""
+        self._wake_pending = False
+        outbox = self._outbox
+        while outbox:
+            callback, payload = outbox.popleft()
+            callback(payload)
 
     def _ort(self, call: Any, *args: Any) -> Any:
         start = time.perf_counter()
@@ -322,17 +341,12 @@ class Engine:
                 s.state = zero
                 first[id(s)] = self.first_logprobs
         logits = np.stack([first[id(s)] for s in fresh])
-        self._sample_and_deliver(fresh, logits, *self._params(fresh), sampling.draw([s.generator for s in fresh]))
+        self._sample_and_deliver(fresh, logits, row_params(fresh), sampling.draw([s.generator for s in fresh]))
         self._active.extend(s for s in fresh if not s.done)
 
-    @staticmethod
-    def _params(rows: list[Stream]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        b = _Batch(rows, None)
-        return b.temperature, b.top_k, b.top_p
-
-    def _sample_and_deliver(self, rows: list[Stream], logits: np.ndarray, temperature: np.ndarray,
-                            top_k: np.ndarray, top_p: np.ndarray, uniforms: np.ndarray) -> bool:
-        tokens, logprobs = sampling.sample(logits, temperature, top_k, top_p, uniforms)
+    def _sample_and_deliver(self, rows: list[Stream], logits: np.ndarray, params: sampling.RowParams,
+                            uniforms: np.ndarray) -> bool:
+        tokens, logprobs = sampling.sample(logits, params, uniforms)
         out = []
         ended = False
         for s, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
@@ -357,8 +371,7 @@ class Engine:
             self.stats["step_calls"] += 1
             self.stats["step_rows"] += len(batch.rows)
             uniforms = sampling.draw(batch.generators)
-            ended |= self._sample_and_deliver(batch.rows, logits, batch.temperature, batch.top_k, batch.top_p,
-                                              uniforms)
+            ended |= self._sample_and_deliver(batch.rows, logits, batch.params, uniforms)
         if ended:
             self._active = [s for s in self._active if not s.done]
         return bool(rows)

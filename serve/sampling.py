@@ -1,9 +1,13 @@
 """Pure, vectorised sampling: a function of logits, per-row parameters and per-row generators.
 
 Every row is independent: its result depends only on its own logits, parameters and generator, so
-batching streams together never changes what any of them samples. Each row draws exactly one
-uniform number from its generator per call, whatever its parameters, so a seeded stream's sequence
-of draws is fixed by its seed alone.
+batching streams together never changes what any of them samples (the masks below are exact per
+row, whichever other rows share the call). Each row draws exactly one uniform number from its
+generator per character, whatever its parameters, so a seeded stream's draws depend on its seed alone.
+
+The sampler is inverse-CDF in vocabulary order over the tempered distribution restricted to the
+top_k most likely tokens (all tokens tied with the k-th are kept) and then to the top_p nucleus
+(the most likely tokens whose probability, before each, sums to less than top_p).
 """
 
 from __future__ import annotations
@@ -25,35 +29,58 @@ def draw(generators: Sequence[np.random.Generator]) -> np.ndarray:
     return np.fromiter((g.random() for g in generators), dtype=np.float64, count=len(generators))
 
 
-def sample(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
-           uniforms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Chooses one token per row by inverse-CDF sampling over the truncated, tempered distribution.
+class RowParams:
+    """Per-row sampling parameters with what the sampler can precompute (built once per batch).
 
-    logits [n, V]; temperature [n] (0 = greedy: the most likely token, lowest id on ties); top_k [n]
-    (0 or >= V = off); top_p [n] in (0, 1] (1 = off); uniforms [n] in [0, 1).
+    temperature: 0 = greedy (the most likely token, lowest id on ties); top_k: 0 or >= vocab = off;
+    top_p: in (0, 1], 1 = off.
+    """
+
+    def __init__(self, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> None:
+        self.greedy = np.asarray(temperature) == 0
+        self.any_greedy = bool(self.greedy.any())
+        t = np.where(self.greedy, 1.0, temperature).astype(np.float64)
+        self.tempered = bool((t != 1.0).any())
+        self.inv_temperature = (1.0 / t)[:, None]
+        self.top_k = np.asarray(top_k, dtype=np.int64)
+        self.top_p = np.asarray(top_p, dtype=np.float64)
+        self.rows = np.arange(len(t))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def sample(logits: np.ndarray, params: RowParams, uniforms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One token per row of logits [n, V], with uniforms [n] in [0, 1) from `draw`.
+
     Returns token ids [n] (int64) and their log-probabilities under the untempered model [n].
     """
-    n, vocab = logits.shape
-    logp = log_softmax(logits)
-    greedy = temperature == 0
-    tempered = logp / np.where(greedy, 1.0, temperature)[:, None]
-    order = np.argsort(-tempered, axis=1, kind="stable")  # most likely first, lowest id on ties
-    z = np.take_along_axis(tempered, order, axis=1)
-    p = np.exp(z - z[:, :1])
-    rank = np.arange(vocab)
-    k = np.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
-    p[rank[None, :] >= k[:, None]] = 0.0
-    p /= p.sum(axis=1, keepdims=True)
-    mass_before = np.cumsum(p, axis=1) - p
-    p[mass_before >= top_p[:, None]] = 0.0  # rank 0 always stays: its mass_before is 0 < top_p
+    vocab = logits.shape[1]
+    x = logits.astype(np.float64)
+    shifted = x - x.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    total = e.sum(axis=1, keepdims=True)
+    logp = shifted - np.log(total)
+    p = np.exp(shifted * params.inv_temperature) if params.tempered else e
+    use_k = (params.top_k > 0) & (params.top_k < vocab)
+    if use_k.any():
+        kth = -np.sort(-p, axis=1)[params.rows, np.where(use_k, params.top_k - 1, 0)]
+        p = np.where(use_k[:, None] & (p < kth[:, None]), 0.0, p)
+    use_p = params.top_p < 1.0
+    if use_p.any():
+        order = np.argsort(-p, axis=1, kind="stable")
+        ranked = np.take_along_axis(p, order, axis=1)
+        before = (np.cumsum(ranked, axis=1) - ranked) / ranked.sum(axis=1, keepdims=True)
+        drop = np.empty_like(before, dtype=bool)
+        np.put_along_axis(drop, order, before >= params.top_p[:, None], axis=1)
+        p = np.where(use_p[:, None] & drop, 0.0, p)
     cdf = np.cumsum(p, axis=1)
-    target = uniforms * cdf[:, -1]
-    idx = (cdf <= target[:, None]).sum(axis=1)
-    kept = (p > 0).sum(axis=1)  # the kept tokens are a prefix of the sorted order
-    idx = np.minimum(idx, kept - 1)
-    idx[greedy] = 0
-    tokens = order[np.arange(n), idx]
-    return tokens.astype(np.int64), logp[np.arange(n), tokens]
+    mass = cdf[:, -1]
+    target = np.minimum(uniforms * mass, np.nextafter(mass, 0.0))  # strictly below the total mass
+    tokens = (cdf <= target[:, None]).sum(axis=1)  # first token whose cdf exceeds target: p > 0
+    if params.any_greedy:
+        tokens = np.where(params.greedy, x.argmax(axis=1), tokens)
+    return tokens, logp[params.rows, tokens]
 
 
 def most_likely(logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
