@@ -1,0 +1,50 @@
+"""docs/deployment.md shows the commands and settings the deployment tests exercise."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import fields
+
+from composefile import SMOKE_ENV
+from support import ROOT
+
+DOC = ROOT / "docs/deployment.md"
+
+
+def commands() -> list[list[str]]:
+    return [shlex.split(line) for line in DOC.read_text().splitlines() if line.startswith("    ")]
+
+
+def test_documents_the_compose_commands():
+    text = DOC.read_text()
+    for command in ("docker compose up", "docker compose --profile scale up",
+                    "docker compose -f docker-compose.yml -f docker-compose.gpu.yml up",
+                    "python -m serve.client info --target localhost:50051",
+                    "python -m serve.healthcheck --target localhost:50051",
+                    "CHARRNN_CORPUS=/corpus/mine.txt docker compose up"):
+        assert command in text, command
+
+
+def test_smoke_run_is_the_one_the_compose_test_runs():
+    smoke = [c for c in commands() if c and c[0] == "CHARRNN_CORPUS=hihell"]
+    assert len(smoke) == 1
+    env = dict(word.split("=", 1) for word in smoke[0] if re.match(r"CHARRNN_\w+=", word))
+    assert env == SMOKE_ENV
+    assert smoke[0][len(env):] == ["docker", "compose", "up"]
+
+
+def test_every_variable_named_exists():
+    from serve.settings import PREFIX, Settings
+
+    known = {PREFIX + f.name.upper() for f in fields(Settings)}
+    compose = (ROOT / "docker-compose.yml").read_text() + (ROOT / "docker-compose.gpu.yml").read_text()
+    for name in set(re.findall(r"CHARRNN_[A-Z_]+", DOC.read_text())):
+        assert name in compose or name in known, name
+
+
+def test_ports_match_compose():
+    text = DOC.read_text()
+    compose = (ROOT / "docker-compose.yml").read_text()
+    assert "localhost:50051" in text and "${CHARRNN_HOST_PORT:-50051}:50051" in compose
+    assert "localhost:50052" in text and "${CHARRNN_LB_PORT:-50052}:50051" in compose
