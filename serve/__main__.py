@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sys
 
-from serve.errors import DeviceError, ModelError
+from serve.errors import ConfigError, DeviceError, ModelError
 from serve.server import serve
 from serve.settings import parse
 
@@ -17,7 +17,7 @@ def main() -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(serve(settings))
-    except ModelError as error:  # its message starts with the file's path
+    except (ModelError, ConfigError) as error:  # its message starts with the file's path or the flag
         print(f"charrnn serve: {error}", file=sys.stderr, flush=True)
         return 2
     except (DeviceError, OSError) as error:

@@ -36,6 +36,7 @@ import numpy as np
 
 from serve import sampling
 from serve.errors import ServeError, Unavailable
+from serve.metrics import Metrics
 from serve.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class Stream:
         self.produced = 0
         self.consumed = 0
         self.cancelled = False
+        self.failure: BaseException | None = None  # loop side: set when the engine fails the stream
         self.done = False
         self.token = -1
         self.state: np.ndarray | None = None
@@ -111,6 +113,9 @@ class Stream:
     async def __anext__(self) -> tuple[int, float, Finish]:
         if self._ended:
             raise StopAsyncIteration
+        if self.failure is not None:  # a failure overtakes the characters still queued
+            self._ended = True
+            raise self.failure
         item = await self.queue.get()
         if isinstance(item, BaseException):
             self._ended = True
@@ -161,6 +166,12 @@ def _deliver(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
         q.put_nowait(item)
 
 
+def _fail(items: list[tuple[Stream, BaseException]]) -> None:
+    for stream, error in items:
+        stream.failure = error
+        stream.queue.put_nowait(error)  # wakes a consumer waiting on the queue
+
+
 def _resolve(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
     for future, value, error in items:
         if future.done():
@@ -175,7 +186,7 @@ class Engine:
     """Owns the runtime; `start(loop)` runs the worker thread, `stop()` ends it."""
 
     def __init__(self, runtime: Runtime, max_batch: int = 256, max_delay_us: int = 200,
-                 window: int = 1024) -> None:
+                 window: int = 1024, metrics: Metrics | None = None) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.runtime = runtime
@@ -183,10 +194,12 @@ class Engine:
         self.max_batch = max_batch
         self.max_delay = max_delay_us / 1e6
         self.window = window
+        self.metrics = metrics if metrics is not None else Metrics()
         self.first_logprobs = self._empty_prompt_logprobs()
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._outbox: collections.deque[tuple[Any, list[Any]]] = collections.deque()
         self._wake_pending = False
+        self._stop_reason = "the server is shutting down"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._active: list[Stream] = []
@@ -208,8 +221,10 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="charrnn-engine", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "the server is shutting down") -> None:
+        """Ends the worker; streams and jobs still in it fail with Unavailable(reason)."""
         if self._thread is not None and self._thread.is_alive():
+            self._stop_reason = reason
             self._inbox.put(_STOP)
             self._thread.join()
 
@@ -324,7 +339,10 @@ class Engine:
             self._post(_resolve, [(j.future, (logits[i], state_out[i]), None) for i, j in enumerate(group)])
 
     def _admit(self, fresh: list[Stream]) -> None:
+        waiting = len(fresh)
         fresh = [s for s in fresh if not s.cancelled]
+        if len(fresh) != waiting:
+            self.metrics.cancelled_streams.inc(waiting - len(fresh))
         if not fresh:
             return
         first: dict[int, np.ndarray] = {}
@@ -343,6 +361,7 @@ class Engine:
                 first[id(s)] = self.first_logprobs
         logits = np.stack([first[id(s)] for s in fresh])
         self._sample_and_deliver(fresh, logits, row_params(fresh), sampling.draw([s.generator for s in fresh]))
+        self.metrics.characters.inc(len(fresh))
         self._active.extend(s for s in fresh if not s.done)
 
     def _sample_and_deliver(self, rows: list[Stream], logits: np.ndarray, params: sampling.RowParams,
@@ -360,17 +379,27 @@ class Engine:
     def _step(self) -> bool:
         """One character for every stream that may run; False when all of them are parked."""
         if any(s.cancelled for s in self._active):
+            active = len(self._active)
             self._active = [s for s in self._active if not s.cancelled]
+            self.metrics.cancelled_streams.inc(active - len(self._active))
         window = self.window
         rows = [s for s in self._active if s.produced - s.consumed < window]
         if rows != self._rows:
             self._rebuild(rows)
         ended = False
+        stats, metrics = self.stats, self.metrics
         for batch in self._batches:
-            ids = np.fromiter((s.token for s in batch.rows), dtype=np.int64, count=len(batch.rows))
-            logits, batch.state = self._ort(self.runtime.step, ids.reshape(-1, 1), batch.state)
-            self.stats["step_calls"] += 1
-            self.stats["step_rows"] += len(batch.rows)
+            n = len(batch.rows)
+            ids = np.fromiter((s.token for s in batch.rows), dtype=np.int64, count=n)
+            start = time.perf_counter()
+            logits, batch.state = self.runtime.step(ids.reshape(-1, 1), batch.state)
+            seconds = time.perf_counter() - start
+            stats["ort_seconds"] += seconds
+            stats["step_calls"] += 1
+            stats["step_rows"] += n
+            metrics.step_seconds.observe(seconds)  # once per call, not per character
+            metrics.batch_size.observe(n)
+            metrics.characters.inc(n)
             uniforms = sampling.draw(batch.generators)
             ended |= self._sample_and_deliver(batch.rows, logits, batch.params, uniforms)
         if ended:
@@ -392,14 +421,15 @@ class Engine:
 
     def _fail_all(self, jobs: list[_Job], error: ServeError) -> None:
         self._post(_resolve, [(j.future, None, error) for j in jobs])
-        self._post(_deliver, [(s.queue, error) for s in self._active])
+        self._post(_fail, [(s, error) for s in self._active])
         for s in self._active:
             s.done = True
         self._active, self._rows, self._batches = [], [], []
 
     def _shutdown(self, items: list[Any]) -> None:
-        error = Unavailable("the server is shutting down")
+        error = Unavailable(self._stop_reason)
         self._active.extend(i for i in items if isinstance(i, Stream))
+        self.metrics.cancelled_streams.inc(len(self._active))
         self._fail_all([i for i in items if isinstance(i, _Job)], error)
         while True:
             try:
@@ -409,4 +439,4 @@ class Engine:
             if isinstance(item, _Job):
                 self._post(_resolve, [(item.future, None, error)])
             elif isinstance(item, Stream):
-                self._post(_deliver, [(item.queue, error)])
+                self._post(_fail, [(item, error)])

@@ -5,6 +5,7 @@
     python -m serve.client step     --target 127.0.0.1:50051 hi              # prints the state to pass on
     python -m serve.client step     --target 127.0.0.1:50051 hel --state <base64 from the last call>
     python -m serve.client info     --target 127.0.0.1:50051
+    python -m serve.client info     --target localhost:50051 --tls-ca ca.pem --token "$TOKEN"   # TLS + token
 
 `generate` writes each character the moment it arrives. Exit status 1 on an RPC error, with the
 status code and message on stderr.
@@ -21,6 +22,7 @@ from collections.abc import Iterator, Sequence
 import grpc
 from google.protobuf import json_format
 
+from serve.channels import add_arguments, metadata, open_channel
 from serve.pb.charrnn.v1 import charrnn_pb2 as pb
 from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 
@@ -31,7 +33,7 @@ def generate(stub: pb_grpc.CharRNNStub, args: argparse.Namespace) -> None:
         if getattr(args, name) is not None:
             setattr(request, name, getattr(args, name))
     finish = pb.FINISH_REASON_UNSPECIFIED
-    for response in stub.Generate(request, timeout=args.timeout):
+    for response in stub.Generate(request, timeout=args.timeout, metadata=metadata(args)):
         sys.stdout.write(response.text)
         sys.stdout.flush()
         finish = response.finish_reason
@@ -49,20 +51,22 @@ def _top(candidates: Sequence[pb.Candidate]) -> str:
 
 
 def predict(stub: pb_grpc.CharRNNStub, args: argparse.Namespace) -> None:
-    for r in stub.Predict(_requests(args.text, args.per_char, args.top_k), timeout=args.timeout):
+    for r in stub.Predict(_requests(args.text, args.per_char, args.top_k), timeout=args.timeout,
+                          metadata=metadata(args)):
         print(f"{r.input!r} -> {r.next!r} p={r.probability:.4f} {_top(r.top)}".rstrip())
 
 
 def step(stub: pb_grpc.CharRNNStub, args: argparse.Namespace) -> None:
     state = base64.b64decode(args.state) if args.state else b""
-    r = stub.Step(pb.StepRequest(state=state, text=args.text, top_k=args.top_k), timeout=args.timeout)
+    r = stub.Step(pb.StepRequest(state=state, text=args.text, top_k=args.top_k), timeout=args.timeout,
+                  metadata=metadata(args))
     print(json.dumps({"next": r.next, "probability": round(r.probability, 6),
                       "top": [[c.text, round(c.probability, 6)] for c in r.top],
                       "state": base64.b64encode(r.state).decode()}))
 
 
 def info(stub: pb_grpc.CharRNNStub, args: argparse.Namespace) -> None:
-    response = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=args.timeout)
+    response = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=args.timeout, metadata=metadata(args))
     print(json.dumps(json_format.MessageToDict(response, preserving_proto_field_name=True), indent=2))
 
 
@@ -72,6 +76,7 @@ def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT")
     common.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    add_arguments(common)
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", parents=[common], help="stream sampled text")
     g.add_argument("--prompt", default="")
@@ -99,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    with grpc.insecure_channel(args.target) as channel:
+    with open_channel(args.target, args) as channel:
         try:
             args.run(pb_grpc.CharRNNStub(channel), args)
         except grpc.RpcError as error:

@@ -40,13 +40,27 @@ class DeviceError(ServeError):
     """The requested execution device is not available (start-up only)."""
 
 
+class ConfigError(ServeError):
+    """A setting cannot be used, e.g. an unreadable TLS file (start-up only)."""
+
+
 class Unavailable(ServeError):
-    """The engine is shutting down or not running."""
+    """The server is shutting down, or the engine is not running."""
+
+
+class ResourceExhausted(ServeError):
+    """The server is at its limit of concurrent calls; refused at once, never queued."""
+
+
+class Unauthenticated(ServeError):
+    """The call lacks the bearer token the server was started with (or carries another one)."""
 
 
 _STATUS: dict[type[ServeError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     ModelError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
@@ -63,35 +77,61 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def rpc(handler: F) -> F:
-    """Decorates a servicer method (coroutine or async generator): maps errors, logs one line."""
-    name = handler.__name__
+    """Decorates a CharRNN servicer method (coroutine or async generator): admission, errors, one log line.
 
-    def finish(context: grpc.aio.ServicerContext, start: float, outcome: str, sent: int) -> None:
+    The servicer provides `gate` (serve/admission.py) and `metrics` (serve/metrics.py). A call the gate
+    refuses ends at once with its status. A call that shutdown cuts (gate.abort_reason set, its task
+    cancelled) ends with UNAVAILABLE and that reason instead of a bare CANCELLED.
+    """
+    name = handler.__name__
+    first_char = name == "Generate"
+
+    def finish(self: Any, context: grpc.aio.ServicerContext, start: float, outcome: str, sent: int) -> None:
+        self.metrics.calls.labels(name, outcome).inc()
         log.info("%s peer=%s %s msgs=%d %.1fms", name, context.peer(), outcome, sent,
                  (time.perf_counter() - start) * 1e3)
 
-    async def fail(context: grpc.aio.ServicerContext, error: Exception, start: float, sent: int) -> None:
+    async def fail(self: Any, context: grpc.aio.ServicerContext, error: Exception, start: float,
+                   sent: int) -> None:
         code, message = status_of(error)
         if code is grpc.StatusCode.INTERNAL:
             log.exception("%s failed", name)
-        finish(context, start, code.name, sent)
+        finish(self, context, start, code.name, sent)
         await context.abort(code, message)
+
+    async def cut(self: Any, context: grpc.aio.ServicerContext, start: float, sent: int) -> None:
+        """The task was cancelled: by shutdown (say why) or because the client went away."""
+        reason = self.gate.abort_reason
+        if reason is None:
+            finish(self, context, start, "CANCELLED", sent)
+            return
+        finish(self, context, start, grpc.StatusCode.UNAVAILABLE.name, sent)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
 
     if inspect.isasyncgenfunction(handler):
         @functools.wraps(handler)
         async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             start, sent = time.perf_counter(), 0
             try:
+                task = self.gate.admit(context.invocation_metadata())
+            except ServeError as error:
+                await fail(self, context, error, start, sent)
+                return
+            try:
                 async for message in handler(self, request, context):
+                    if first_char and not sent:
+                        self.metrics.time_to_first_char.observe(time.perf_counter() - start)
                     yield message
                     sent += 1
             except asyncio.CancelledError:
-                finish(context, start, "CANCELLED", sent)
+                await cut(self, context, start, sent)
                 raise
             except Exception as error:  # noqa: BLE001 - the one place errors become statuses
-                await fail(context, error, start, sent)
+                await fail(self, context, error, start, sent)
             else:
-                finish(context, start, "OK", sent)
+                finish(self, context, start, "OK", sent)
+            finally:
+                self.gate.release(task)
 
         return stream  # type: ignore[return-value]
 
@@ -99,14 +139,20 @@ def rpc(handler: F) -> F:
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Awaitable[Any]:
         start = time.perf_counter()
         try:
+            task = self.gate.admit(context.invocation_metadata())
+        except ServeError as error:
+            await fail(self, context, error, start, 0)
+        try:
             response = await handler(self, request, context)
         except asyncio.CancelledError:
-            finish(context, start, "CANCELLED", 0)
+            await cut(self, context, start, 0)
             raise
         except Exception as error:  # noqa: BLE001 - the one place errors become statuses
-            await fail(context, error, start, 0)
+            await fail(self, context, error, start, 0)
         else:
-            finish(context, start, "OK", 1)
+            finish(self, context, start, "OK", 1)
             return response
+        finally:
+            self.gate.release(task)
 
     return unary  # type: ignore[return-value]

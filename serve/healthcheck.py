@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from serve.channels import add_arguments, open_channel
+
 DEFAULT_PORT = "50051"  # the container port docker-compose.yml gives CHARRNN_PORT
 
 
@@ -27,9 +29,10 @@ def default_target() -> str:
     return f"127.0.0.1:{os.environ.get('CHARRNN_PORT') or DEFAULT_PORT}"
 
 
-def check(target: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
-    """One Health/Check call: (serving?, a line saying what was found)."""
-    with grpc.insecure_channel(target) as channel:
+def check(target: str, service: str = "", timeout: float = 3.0,
+          tls: argparse.Namespace | None = None) -> tuple[bool, str]:
+    """One Health/Check call: (serving?, a line saying what was found). Health needs no token."""
+    with (open_channel(target, tls) if tls is not None else grpc.insecure_channel(target)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -47,12 +50,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--service", default="", help="service name to ask about; empty = the whole server")
     p.add_argument("--timeout", type=float, default=3.0,
                    help="seconds before giving up (keep it under the compose healthcheck timeout)")
+    add_arguments(p, token=False)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    ok, line = check(args.target, args.service, args.timeout)
+    ok, line = check(args.target, args.service, args.timeout, args)
     print(line, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 

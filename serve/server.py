@@ -1,6 +1,10 @@
-"""Assembles the gRPC server: CharRNN service, health, reflection, and the engine's lifetime.
+"""Assembles the gRPC server: CharRNN service, health, reflection, TLS, metrics, and the engine's lifetime.
 
     python -m serve --model runs/demo/model.onnx     # prints one ready line, then serves
+
+Shutdown (SIGTERM or SIGINT): health turns NOT_SERVING and new calls get UNAVAILABLE at once; calls in
+flight run to completion within --grace seconds; a second signal, or the end of grace, cuts the rest
+with UNAVAILABLE and a message saying so. The process then exits 0.
 """
 
 from __future__ import annotations
@@ -8,12 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from serve.admission import Gate
 from serve.batcher import Engine
+from serve.errors import ConfigError
+from serve.metrics import Metrics
 from serve.pb.charrnn.v1 import charrnn_pb2 as pb
 from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 from serve.runtime import Runtime
@@ -27,15 +36,18 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CharRNN"].full_name  # "charrnn.v
 
 
 class Server:
-    """A bound grpc.aio server plus the engine thread whose lifetime it shares."""
+    """A bound grpc.aio server plus the engine thread and metrics endpoint whose lifetime it shares."""
 
     def __init__(self, grpc_server: grpc.aio.Server, engine: Engine, health_servicer: health.aio.HealthServicer,
-                 address: str, provider: str) -> None:
+                 gate: Gate, metrics: Metrics, address: str, provider: str, metrics_port: int | None) -> None:
         self.grpc = grpc_server
         self.engine = engine
         self.health = health_servicer
+        self.gate = gate
+        self.metrics = metrics
         self.address = address
         self.provider = provider
+        self.metrics_port = metrics_port  # None = metrics off
 
     async def start(self) -> None:
         self.engine.start(asyncio.get_running_loop())
@@ -44,46 +56,127 @@ class Server:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None = 1.0) -> None:
+        """Stops at once: calls in flight get `grace` seconds, then gRPC cancels them."""
         await self.health.enter_graceful_shutdown()
+        self.gate.draining = True
         await self.grpc.stop(grace)
         self.engine.stop()
+        self.metrics.close()
+
+    async def drain(self, grace: float, cut: asyncio.Event) -> bool:
+        """The SIGTERM path: health NOT_SERVING and new calls UNAVAILABLE at once; calls in flight run
+        to completion for up to `grace` seconds, or until `cut` is set (a second SIGTERM); what is
+        left then ends with UNAVAILABLE and a message. True when every call finished by itself."""
+        await self.health.enter_graceful_shutdown()
+        self.gate.draining = True
+        log.info("draining: %d calls in flight, %.0f s grace", len(self.gate.calls), grace)
+        idle = asyncio.ensure_future(self.gate.wait_idle())
+        cutting = asyncio.ensure_future(cut.wait())
+        await asyncio.wait((idle, cutting), timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        finished = idle.done()
+        if not finished:
+            why = "a second SIGTERM" if cut.is_set() else f"the {grace:g} s grace period ended"
+            reason = f"the server is shutting down: {why} before this call finished"
+            log.warning("cutting %d calls still in flight: %s", len(self.gate.calls), why)
+            self.gate.abort_reason = reason
+            # Work inside the engine (every Generate, Predict/Step waiting on a step) fails with the reason.
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.stop, reason)
+            try:
+                await asyncio.wait_for(asyncio.shield(idle), timeout=1.0)
+            except asyncio.TimeoutError:  # calls waiting for the client's next message
+                self.gate.abort_all(reason)
+                try:
+                    await asyncio.wait_for(asyncio.shield(idle), timeout=2.0)
+                except asyncio.TimeoutError:
+                    log.error("%d calls did not end after being cut; gRPC cancels them", len(self.gate.calls))
+        cutting.cancel()
+        idle.cancel()
+        await self.stop(grace=1.0)
+        return finished
 
     async def wait_for_termination(self) -> None:
         await self.grpc.wait_for_termination()
 
 
-def create_server(settings: Settings) -> tuple[Server, int]:
-    """Loads and checks the model, binds the port; call `await server.start()` to serve.
+def _read(flag: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{flag} {path}: cannot read: {error.strerror or error}") from None
 
-    Raises ModelError / DeviceError when the model or the device cannot be used.
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """Server TLS credentials from the settings, checked now (a bad file fails at start-up)."""
+    if not (settings.tls_cert or settings.tls_key):
+        if settings.tls_client_ca:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (settings.tls_cert and settings.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    cert, key = _read("--tls-cert", settings.tls_cert), _read("--tls-key", settings.tls_key)
+    try:  # grpc would only complain at the first handshake
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(settings.tls_cert, settings.tls_key)
+    except ssl.SSLError as error:
+        raise ConfigError(f"--tls-cert {settings.tls_cert} / --tls-key {settings.tls_key}: not a PEM certificate "
+                          f"and its matching key ({error.reason or error})") from None
+    ca = None
+    if settings.tls_client_ca:
+        ca = _read("--tls-client-ca", settings.tls_client_ca)
+        try:
+            ssl.create_default_context(cadata=ca.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError) as error:
+            raise ConfigError(f"--tls-client-ca {settings.tls_client_ca}: not a PEM CA bundle ({error})") from None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def create_server(settings: Settings) -> tuple[Server, int]:
+    """Loads and checks the model, binds the port (and the metrics port); call `await server.start()`.
+
+    Raises ModelError / DeviceError when the model or the device cannot be used, ConfigError for a
+    bad TLS file.
     """
+    credentials = _credentials(settings)
     runtime = Runtime(settings.model, settings.device, settings.threads)
-    engine = Engine(runtime, settings.max_batch, settings.max_delay_us)
-    service = CharRNNService(engine, runtime.provider, settings.max_chars, settings.state_key.encode())
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_CharRNNServicer_to_server(CharRNNServicer(service), server)
+    metrics = Metrics()
+    engine = Engine(runtime, settings.max_batch, settings.max_delay_us, metrics=metrics)
+    service = CharRNNService(engine, runtime.provider, settings.max_chars, settings.state_key.encode(),
+                             settings.max_prompt_chars)
+    gate = Gate(settings.max_streams, settings.auth_token, metrics)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+                                      ("grpc.max_receive_message_length", settings.max_message_bytes)])
+    pb_grpc.add_CharRNNServicer_to_server(CharRNNServicer(service, gate, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    port = server.add_insecure_port(f"{host}:{settings.port}")
+    address = f"{host}:{settings.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {host}:{settings.port}")
-    return Server(server, engine, health_servicer, f"{host}:{port}", runtime.provider), port
+    metrics_port = metrics.serve(settings.host, settings.metrics_port) if settings.metrics_port >= 0 else None
+    return Server(server, engine, health_servicer, gate, metrics, f"{host}:{port}", runtime.provider,
+                  metrics_port), port
 
 
 async def serve(settings: Settings) -> None:
-    """Runs until SIGINT/SIGTERM; prints the ready line once the server accepts calls."""
+    """Runs until SIGINT/SIGTERM, then drains (see Server.drain); prints the ready line once serving."""
     server, _ = create_server(settings)
     await server.start()
     print(f"charrnn serving {settings.model} on {server.address} ({server.provider})", flush=True)
-    stop = asyncio.Event()
+    if server.metrics_port is not None:
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        print(f"charrnn metrics on http://{host}:{server.metrics_port}/metrics", flush=True)
+    stop, cut = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        (cut if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     tasks = [asyncio.ensure_future(server.wait_for_termination()), asyncio.ensure_future(stop.wait())]
     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     log.info("shutting down")
-    await server.stop(grace=2.0)
+    await server.drain(settings.grace, cut)
     for task in tasks:
         task.cancel()

@@ -17,6 +17,9 @@ from serve.codec import StateCodec
 from serve.errors import InvalidArgument
 from serve.runtime import ModelSpec
 
+MAX_STOPS = 16        # each stop string is checked after every character: bound the per-character work
+MAX_STOP_CHARS = 256
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -44,17 +47,22 @@ class ModelInfo:
 class CharRNNService:
     """What the API does, for one loaded model."""
 
-    def __init__(self, engine: Engine, provider: str, max_chars: int, state_secret: bytes = b"") -> None:
+    def __init__(self, engine: Engine, provider: str, max_chars: int, state_secret: bytes = b"",
+                 max_prompt_chars: int = 10_000) -> None:
         self.engine = engine
         self.spec = engine.runtime.spec
         self.provider = provider
         self.max_chars = max_chars
+        self.max_prompt_chars = max_prompt_chars
         self.codec = StateCodec(self.spec.sha256, self.spec.num_layers, self.spec.state_size, state_secret)
         self.vocab = self.spec.vocab
         self._ids = {c: i for i, c in enumerate(self.vocab)}
 
     def encode(self, text: str, what: str) -> np.ndarray:
         """Token ids for text; InvalidArgument naming every character the model does not know."""
+        if len(text) > self.max_prompt_chars:
+            raise InvalidArgument(f"{what} is {len(text)} characters, the limit is {self.max_prompt_chars} "
+                                  "(--max-prompt-chars)")
         ids = self._ids
         try:
             return np.fromiter((ids[c] for c in text), dtype=np.int64, count=len(text))
@@ -77,9 +85,13 @@ class CharRNNService:
         if not 0 < top_p <= 1:  # also rejects NaN
             raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")
         ids = self.encode(prompt, "prompt")
+        if len(stop) > MAX_STOPS:
+            raise InvalidArgument(f"stop has {len(stop)} strings, the limit is {MAX_STOPS}")
         for i, s in enumerate(stop):
             if not s:
                 raise InvalidArgument(f"stop[{i}] is empty")
+            if len(s) > MAX_STOP_CHARS:
+                raise InvalidArgument(f"stop[{i}] is {len(s)} characters, the limit is {MAX_STOP_CHARS}")
             self.encode(s, f"stop[{i}]")
         params = SamplingParams(float(temperature), int(top_k), float(top_p), seed)
         return self.engine.generate(ids, params, max_chars, tuple(stop))

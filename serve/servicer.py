@@ -6,8 +6,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from serve.admission import Gate
 from serve.batcher import Finish
 from serve.errors import rpc
+from serve.metrics import Metrics
 from serve.pb.charrnn.v1 import charrnn_pb2 as pb
 from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 from serve.runtime import PROVENANCE
@@ -22,8 +24,10 @@ def _candidates(prediction: Prediction) -> list[pb.Candidate]:
 
 
 class CharRNNServicer(pb_grpc.CharRNNServicer):
-    def __init__(self, service: CharRNNService) -> None:
+    def __init__(self, service: CharRNNService, gate: Gate, metrics: Metrics) -> None:
         self.service = service
+        self.gate = gate  # `rpc` asks it before every call
+        self.metrics = metrics
         self._text = service.vocab
 
     @rpc

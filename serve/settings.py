@@ -35,12 +35,34 @@ class Settings:
     state_key: str = field(default="", repr=False, metadata={
         "help": "secret mixed into Step state tags so only servers sharing it accept the state "
                 "(set it through the environment: a flag shows in the process list)"})
+    max_streams: int = field(default=1024, metadata={
+        "help": "concurrent CharRNN calls (health excluded); one more is refused at once with "
+                "RESOURCE_EXHAUSTED, never queued"})
+    max_prompt_chars: int = field(default=10_000, metadata={
+        "help": "upper limit on the characters of a prompt and of one Predict/Step text (INVALID_ARGUMENT above)"})
+    max_message_bytes: int = field(default=1 << 20, metadata={
+        "help": "largest request message gRPC accepts; larger ones get RESOURCE_EXHAUSTED from gRPC itself"})
+    grace: float = field(default=30.0, metadata={
+        "help": "seconds that calls in flight get to finish after SIGTERM (a second SIGTERM cuts them at once)"})
+    metrics_port: int = field(default=-1, metadata={
+        "help": "serve Prometheus metrics on http://HOST:PORT/metrics; -1 = off, 0 = a free port (printed)"})
+    tls_cert: str = field(default="", metadata={"help": "PEM certificate chain: serve TLS (with --tls-key)"})
+    tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})
+    tls_client_ca: str = field(default="", metadata={
+        "help": "PEM CA bundle: require client certificates signed by it (mutual TLS)"})
+    auth_token: str = field(default="", repr=False, metadata={
+        "help": "require metadata 'authorization: Bearer <token>' on every CharRNN call (health stays open); "
+                "set it through the environment: a flag shows in the process list"})
 
 
-def _int(name: str) -> Any:
-    def convert(text: str) -> int:
-        value = int(text)
-        if value < (1 if name in ("max_batch", "max_chars", "threads") else 0):
+_MINIMUM = {"max_batch": 1, "max_chars": 1, "threads": 1, "max_streams": 1, "max_prompt_chars": 1,
+            "max_message_bytes": 1024, "metrics_port": -1}
+
+
+def _number(name: str, kind: type) -> Any:
+    def convert(text: str) -> int | float:
+        value = kind(text)
+        if not value >= _MINIMUM.get(name, 0):  # also rejects NaN
             raise argparse.ArgumentTypeError(f"{name} out of range: {value}")
         return value
     convert.__name__ = name  # argparse names the type in its error message
@@ -56,8 +78,8 @@ def parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
         kwargs: dict[str, Any] = {"help": f"{f.metadata['help']} [{env}]"}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
-        if f.type == "int":
-            kwargs["type"] = _int(f.name)
+        if f.type in ("int", "float"):
+            kwargs["type"] = _number(f.name, int if f.type == "int" else float)
         if env in environ:
             kwargs["default"] = kwargs.get("type", str)(environ[env])
         elif f.name == "model":

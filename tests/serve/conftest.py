@@ -1,57 +1,12 @@
-"""Real servers on 127.0.0.1 port 0, each on its own event loop in a background thread.
-
-Tests talk to them through real channels (sync stubs, or grpc.aio inside asyncio.run).
-"""
+"""Real servers on 127.0.0.1 port 0 (tests/live.py), shared per session or module."""
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
-
-from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
-from serve.server import Server, create_server
-from serve.settings import Settings
-
-
-class LiveServer:
-    """create_server + start on a private loop; `close()` stops the server and the engine."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True)
-        self.thread.start()
-        self.server, self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=60)
-        self.target = f"127.0.0.1:{self.port}"
-        self.channel = grpc.insecure_channel(self.target)
-        self.stub = pb_grpc.CharRNNStub(self.channel)
-
-    async def _start(self) -> tuple[Server, int]:
-        server, port = create_server(self.settings)
-        await server.start()
-        return server, port
-
-    def close(self) -> None:
-        self.channel.close()
-        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(timeout=30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=30)
-        self.loop.close()
-
-
-def _serve(model: Path, **overrides: object) -> Iterator[LiveServer]:
-    settings = dataclasses.replace(Settings(model=str(model), device="cpu"), **overrides)
-    live = LiveServer(settings)
-    try:
-        yield live
-    finally:
-        live.close()
+from live import LiveServer, serve_model
 
 
 @pytest.fixture(scope="session")
@@ -67,20 +22,20 @@ def text_model(text_runs: dict[str, Path]) -> Path:
 
 @pytest.fixture(scope="session")
 def hihell_server(hihell_model: Path) -> Iterator[LiveServer]:
-    yield from _serve(hihell_model, max_chars=1000)
+    yield from serve_model(hihell_model, max_chars=1000)
 
 
 @pytest.fixture(scope="session")
 def text_server(text_model: Path) -> Iterator[LiveServer]:
-    yield from _serve(text_model, max_chars=1000)
+    yield from serve_model(text_model, max_chars=1000)
 
 
 @pytest.fixture(scope="session")
 def unbatched_server(text_model: Path) -> Iterator[LiveServer]:
-    yield from _serve(text_model, max_chars=1000, max_batch=1)
+    yield from serve_model(text_model, max_chars=1000, max_batch=1)
 
 
 @pytest.fixture(scope="module")
 def lstm_server(text_runs: dict[str, Path]) -> Iterator[LiveServer]:
     """state_size = 2 * hidden_size: the codec and the engine must not assume hidden_size."""
-    yield from _serve(text_runs["lstm"] / "model.onnx")
+    yield from serve_model(text_runs["lstm"] / "model.onnx")

@@ -1,0 +1,56 @@
+"""Prometheus metrics, one private registry per server, served as text on --metrics-port.
+
+    curl -s http://127.0.0.1:9100/metrics | grep ^charrnn_
+
+The engine counts once per onnxruntime step call (batch size, step time, characters), never once per
+character per stream: the step loop is the hot path. Calls are counted once each, when they end.
+"""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_STEP_BUCKETS = (50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3)
+_TTFC_BUCKETS = (1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """Every charrnn_* metric of one server."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.active_streams = Gauge("charrnn_active_streams",
+                                    "CharRNN calls in flight (what --max-streams limits)", registry=r)
+        self.calls = Counter("charrnn_calls", "finished CharRNN calls by rpc and gRPC status code",
+                             ["rpc", "code"], registry=r)
+        self.characters = Counter("charrnn_characters_generated", "characters sampled for Generate streams",
+                                  registry=r)
+        self.cancelled_streams = Counter(
+            "charrnn_cancelled_streams",
+            "Generate streams the engine dropped before their end (client cancelled, deadline passed, or "
+            "cut at shutdown): no more steps are computed for them", registry=r)
+        self.batch_size = Histogram("charrnn_batch_size", "rows per onnxruntime step call",
+                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.step_seconds = Histogram("charrnn_step_seconds", "seconds per onnxruntime step call",
+                                      buckets=_STEP_BUCKETS, registry=r)
+        self.time_to_first_char = Histogram("charrnn_time_to_first_char_seconds",
+                                            "Generate: seconds from the call's start to its first character",
+                                            buckets=_TTFC_BUCKETS, registry=r)
+        self._http: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Serves /metrics on host:port in a daemon thread; returns the bound port (port 0 picks one)."""
+        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_address[1])
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
