@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo
 DEMO_BUDGET ?= 180
 
-.PHONY: install test demo protos clean
+.PHONY: install test test-slow demo protos clean
 
 install: $(STAMP)
 
@@ -17,6 +17,10 @@ $(STAMP): requirements/train.txt requirements/export.txt requirements/serve.txt 
 
 test: install
 	$(BIN)/python -m pytest
+
+# The long runs the default suite leaves out (pyproject's addopts deselect `slow`): e.g. 2500 fuzz examples.
+test-slow: install
+	$(BIN)/python -m pytest -m slow
 
 # train (short) -> export -> start the server on a free port -> stream a sample through the client -> stop.
 demo: install

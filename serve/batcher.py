@@ -228,8 +228,12 @@ class Engine:
             self._inbox.put(_STOP)
             self._thread.join()
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def _check_running(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
+        if not self.running:
             raise Unavailable("the engine is not running")
 
     def generate(self, prompt: np.ndarray, params: SamplingParams, max_chars: int,

@@ -1,0 +1,60 @@
+"""`python -m serve` on broken model files: exit non-zero, naming the file and what is wrong.
+
+(Missing file, corrupt bytes and stripped metadata are in test_cli.py; the contract's finer points are
+unit-tested in test_runtime.py.)
+"""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+
+from support import run_stage
+
+
+def renamed_input(model: onnx.ModelProto) -> None:
+    old = model.graph.input[0].name
+    model.graph.input[0].name = "tokens"
+    for node in model.graph.node:
+        node.input[:] = ["tokens" if name == old else name for name in node.input]
+
+
+def set_meta(key: str, value: str):
+    def change(model: onnx.ModelProto) -> None:
+        for prop in model.metadata_props:
+            if prop.key == key:
+                prop.value = value
+    return change
+
+
+def drop_meta(key: str):
+    def change(model: onnx.ModelProto) -> None:
+        kept = [p for p in model.metadata_props if p.key != key]
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
+    return change
+
+
+@pytest.mark.parametrize("change, problem", [
+    (renamed_input, "inputs are ['state_in', 'tokens'], expected ['input_ids', 'state_in']"),
+    (drop_meta("state_size"), "missing metadata state_size"),
+    (set_meta("vocab", '{"h": 0, "i": 1}'), "metadata 'vocab' must be a non-empty JSON list"),
+    (set_meta("vocab", "h,i,e,l,o"), "metadata 'vocab' is not JSON"),
+    (set_meta("num_layers", "two"), "metadata 'num_layers' must be a positive decimal integer"),
+])
+def test_server_refuses_a_broken_model(tmp_path, hihell_model, change, problem):
+    model = onnx.load(hihell_model)
+    change(model)
+    path = tmp_path / "broken.onnx"
+    onnx.save(model, path)
+    proc = run_stage("serve", "--model", str(path), check=False, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert f"{path}: " in proc.stderr and problem in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_server_refuses_truncated_onnx(tmp_path, hihell_model):
+    path = tmp_path / "truncated.onnx"
+    path.write_bytes(hihell_model.read_bytes()[:200])
+    proc = run_stage("serve", "--model", str(path), check=False, timeout=60)
+    assert proc.returncode == 2 and f"{path}: not a loadable ONNX model" in proc.stderr
