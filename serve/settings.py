@@ -29,6 +29,9 @@ class Settings:
         "help": "rows per onnxruntime step call; 1 = unbatched (every stream calls alone)"})
     max_delay_us: int = field(default=200, metadata={
         "help": "when idle, wait this long for concurrent requests to batch their first call"})
+    workers: int = field(default=1, metadata={
+        "help": "server processes sharing the port (SO_REUSEPORT); the kernel spreads connections, "
+                "not calls, across them, so it helps clients that open several connections"})
     threads: int = field(default=1, metadata={
         "help": "onnxruntime intra-op threads; 1 leaves a core for gRPC on a 2-core machine"})
     log_level: str = field(default="INFO", metadata={"help": "logging level (one line per RPC at INFO)"})
@@ -40,7 +43,7 @@ class Settings:
 def _int(name: str) -> Any:
     def convert(text: str) -> int:
         value = int(text)
-        if value < (1 if name in ("max_batch", "max_chars", "threads") else 0):
+        if value < (1 if name in ("max_batch", "max_chars", "threads", "workers") else 0):
             raise argparse.ArgumentTypeError(f"{name} out of range: {value}")
         return value
     convert.__name__ = name  # argparse names the type in its error message
