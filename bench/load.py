@@ -39,17 +39,23 @@ async def one_stream(stub, prompt: str, chars: int, seed: int, ttfc: list, gaps:
     return received
 
 
-async def run(target: str, streams: int, chars: int, prompt: str) -> dict:
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.CharRNNStub(channel)
-        await channel.channel_ready()
+async def run(target: str, streams: int, chars: int, prompt: str, connections: int = 1) -> dict:
+    # A local subchannel pool per channel gives each its own TCP connection (else gRPC shares one),
+    # which is what lets SO_REUSEPORT spread the streams over several server processes.
+    channels = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(connections)]
+    try:
+        stubs = [pb_grpc.CharRNNStub(c) for c in channels]
+        await asyncio.gather(*(c.channel_ready() for c in channels))
         ttfc: list[float] = []
         gaps: list[float] = []
         start = time.perf_counter()
         results = await asyncio.gather(
-            *(one_stream(stub, prompt, chars, seed, ttfc, gaps) for seed in range(streams)),
+            *(one_stream(stubs[seed % connections], prompt, chars, seed, ttfc, gaps) for seed in range(streams)),
             return_exceptions=True)
         elapsed = time.perf_counter() - start
+    finally:
+        await asyncio.gather(*(c.close() for c in channels))
     received = sum(r for r in results if isinstance(r, int))
     errors = [repr(r) for r in results if not isinstance(r, int)]
     ms = lambda xs, q: round(float(np.percentile(xs, q)) * 1e3, 3) if xs else None  # noqa: E731
@@ -65,8 +71,10 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=64)
     p.add_argument("--chars", type=int, default=300)
     p.add_argument("--prompt", default="The ")
+    p.add_argument("--connections", type=int, default=1, help="TCP connections the streams are spread over")
     args = p.parse_args()
-    print(json.dumps(asyncio.run(run(args.target, args.streams, args.chars, args.prompt))), flush=True)
+    result = asyncio.run(run(args.target, args.streams, args.chars, args.prompt, args.connections))
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -72,9 +72,10 @@ class Proc:
             self.proc.kill()
 
 
-def load(target: str, streams: int, chars: int) -> dict:
+def load(target: str, streams: int, chars: int, connections: int = 1) -> dict:
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "load.py"), "--target", target, "--streams",
-                          str(streams), "--chars", str(chars)], capture_output=True, text=True, timeout=600)
+                          str(streams), "--chars", str(chars), "--connections", str(connections)],
+                         capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"load against {target} failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -123,7 +124,8 @@ def main() -> int:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--streams", type=int, default=64)
     p.add_argument("--chars", type=int, default=300)
-    p.add_argument("--workers", type=int, default=0, help="also measure the batched server with N processes")
+    p.add_argument("--workers", type=int, default=2,
+                   help="also measure N server processes on one port (--workers); 1 = skip")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads in the server")
     args = p.parse_args()
 
@@ -132,22 +134,25 @@ def main() -> int:
             args.model, args.checkpoint = build_model(Path(tmp), args.cell, args.layers, args.hidden)
         serve = [sys.executable, "-m", "serve", "--model", str(args.model), "--threads", str(args.threads),
                  "--log-level", "WARNING"]
+        # name -> (argv, TCP connections the load uses)
         servers = {
-            "ceiling": [sys.executable, str(ROOT / "bench" / "ceiling.py")],
-            "batched": serve,
-            "unbatched": serve + ["--max-batch", "1"],
+            "ceiling": ([sys.executable, str(ROOT / "bench" / "ceiling.py")], 1),
+            "batched": (serve, 1),
+            "unbatched": (serve + ["--max-batch", "1"], 1),
         }
-        if args.workers > 1:
-            servers[f"batched x{args.workers} procs"] = serve + ["--workers", str(args.workers)]
+        if args.workers > 1:  # SO_REUSEPORT spreads connections, so both sides of this pair use several
+            conns = 2 * args.workers
+            servers[f"batched, {conns} conns"] = (serve, conns)
+            servers[f"x{args.workers} procs, {conns} conns"] = (serve + ["--workers", str(args.workers)], conns)
         loads = [(args.streams, args.chars), (1, args.chars)]
         results: dict[tuple[str, int], dict] = {}
         print(f"cpus {os.cpu_count()}; model {args.model}; {args.streams} and 1 streams x {args.chars} chars")
-        for name, argv in servers.items():
+        for name, (argv, conns) in servers.items():
             server = Proc(name, argv)
             try:
-                load(server.target, 4, 20)  # warm-up: connections, onnxruntime arenas, code paths
+                load(server.target, 4, 20, conns)  # warm-up: connections, onnxruntime arenas, code paths
                 for streams, chars in loads:
-                    results[(name, streams)] = r = load(server.target, streams, chars)
+                    results[(name, streams)] = r = load(server.target, streams, chars, conns)
                     print(f"{name:>20} {streams:>3} streams: {r['chars_per_s']:>9.0f} chars/s  "
                           f"ttfc p50 {r['ttfc_p50_ms']:>7.2f} ms  gap p50 {r['gap_p50_ms']:>6.3f} ms "
                           f"p99 {r['gap_p99_ms']:>7.3f} ms  errors {r['error_count']}", flush=True)
@@ -162,9 +167,9 @@ def main() -> int:
         print(f"  batched / ceiling,   {n} streams: {ratio(('batched', n), ('ceiling', n)):.2f}  (target >= 0.7)")
         print(f"  batched / unbatched, {n} streams: {ratio(('batched', n), ('unbatched', n)):.2f}  (target >= 2)")
         print(f"  batched / ceiling,    1 stream:  {ratio(('batched', 1), ('ceiling', 1)):.2f}  (target >= 0.5)")
-        for name in servers:
-            if "procs" in name:
-                print(f"  {name} / batched, {n} streams: {ratio((name, n), ('batched', n)):.2f}")
+        if args.workers > 1:
+            multi, single = list(servers)[-1], list(servers)[-2]
+            print(f"  {multi} / {single}, {n} streams: {ratio((multi, n), (single, n)):.2f}")
 
         print("\nstep latency, seq 1, one thread (median):")
         for batch, (ort_s, torch_s) in step_latency(args.model, args.checkpoint, (1, 64), 300).items():

@@ -13,6 +13,8 @@ import asyncio
 import logging
 import signal
 import ssl
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -21,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from serve.admission import Gate
 from serve.batcher import Engine
-from serve.errors import ConfigError
+from serve.errors import ConfigError, DeviceError, ModelError
 from serve.metrics import Metrics
 from serve.pb.charrnn.v1 import charrnn_pb2 as pb
 from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
@@ -129,8 +131,10 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
-def create_server(settings: Settings) -> tuple[Server, int]:
+def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server, int]:
     """Loads and checks the model, binds the port (and the metrics port); call `await server.start()`.
+
+    reuse_port: bind with SO_REUSEPORT, for `--workers` processes sharing one port (serve/workers.py).
 
     Raises ModelError / DeviceError when the model or the device cannot be used, ConfigError for a
     bad TLS file.
@@ -142,7 +146,7 @@ def create_server(settings: Settings) -> tuple[Server, int]:
     service = CharRNNService(engine, runtime.provider, settings.max_chars, settings.state_key.encode(),
                              settings.max_prompt_chars)
     gate = Gate(settings.max_streams, settings.auth_token, metrics)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port)),
                                       ("grpc.max_receive_message_length", settings.max_message_bytes)])
     pb_grpc.add_CharRNNServicer_to_server(CharRNNServicer(service, gate, metrics), server)
     health_servicer = health.aio.HealthServicer()
@@ -158,14 +162,24 @@ def create_server(settings: Settings) -> tuple[Server, int]:
                   metrics_port), port
 
 
-async def serve(settings: Settings) -> None:
-    """Runs until SIGINT/SIGTERM, then drains (see Server.drain); prints the ready line once serving."""
-    server, _ = create_server(settings)
+def print_ready(settings: Settings, address: str, provider: str) -> None:
+    print(f"charrnn serving {settings.model} on {address} ({provider})", flush=True)
+
+
+async def serve(settings: Settings, reuse_port: bool = False,
+                ready: Callable[[Settings, str, str], None] = print_ready) -> None:
+    """Runs until SIGINT/SIGTERM, then drains (see Server.drain); announces readiness (by default the
+    ready line, then the metrics line when metrics are on) once it accepts calls."""
+    server, _ = create_server(settings, reuse_port)
     await server.start()
-    print(f"charrnn serving {settings.model} on {server.address} ({server.provider})", flush=True)
+    ready(settings, server.address, server.provider)
     if server.metrics_port is not None:
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
-        print(f"charrnn metrics on http://{host}:{server.metrics_port}/metrics", flush=True)
+        line = f"charrnn metrics on http://{host}:{server.metrics_port}/metrics"
+        if ready is print_ready:
+            print(line, flush=True)
+        else:  # a --workers child: stdout belongs to the parent's one ready line
+            log.info("%s", line)
     stop, cut = asyncio.Event(), asyncio.Event()
 
     def on_signal() -> None:
@@ -180,3 +194,17 @@ async def serve(settings: Settings) -> None:
     await server.drain(settings.grace, cut)
     for task in tasks:
         task.cancel()
+
+
+def run(settings: Settings, reuse_port: bool = False,
+        ready: Callable[[Settings, str, str], None] = print_ready) -> int:
+    """Serves until stopped; the process exit status: 0, or 2 when the model or device cannot be used."""
+    try:
+        asyncio.run(serve(settings, reuse_port, ready))
+    except (ModelError, ConfigError) as error:  # its message starts with the file's path or the flag
+        print(f"charrnn serve: {error}", file=sys.stderr, flush=True)
+        return 2
+    except (DeviceError, OSError) as error:
+        print(f"charrnn serve: cannot serve {settings.model}: {error}", file=sys.stderr, flush=True)
+        return 2
+    return 0

@@ -29,6 +29,9 @@ class Settings:
         "help": "rows per onnxruntime step call; 1 = unbatched (every stream calls alone)"})
     max_delay_us: int = field(default=200, metadata={
         "help": "when idle, wait this long for concurrent requests to batch their first call"})
+    workers: int = field(default=1, metadata={
+        "help": "server processes sharing the port (SO_REUSEPORT); the kernel spreads connections, "
+                "not calls, across them, so it helps clients that open several connections"})
     threads: int = field(default=1, metadata={
         "help": "onnxruntime intra-op threads; 1 leaves a core for gRPC on a 2-core machine"})
     log_level: str = field(default="INFO", metadata={"help": "logging level (one line per RPC at INFO)"})
@@ -45,7 +48,8 @@ class Settings:
     grace: float = field(default=30.0, metadata={
         "help": "seconds that calls in flight get to finish after SIGTERM (a second SIGTERM cuts them at once)"})
     metrics_port: int = field(default=-1, metadata={
-        "help": "serve Prometheus metrics on http://HOST:PORT/metrics; -1 = off, 0 = a free port (printed)"})
+        "help": "serve Prometheus metrics on http://HOST:PORT/metrics; -1 = off, 0 = a free port (printed); "
+                "with --workers N, worker i serves on PORT+i"})
     tls_cert: str = field(default="", metadata={"help": "PEM certificate chain: serve TLS (with --tls-key)"})
     tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})
     tls_client_ca: str = field(default="", metadata={
@@ -55,7 +59,7 @@ class Settings:
                 "set it through the environment: a flag shows in the process list"})
 
 
-_MINIMUM = {"max_batch": 1, "max_chars": 1, "threads": 1, "max_streams": 1, "max_prompt_chars": 1,
+_MINIMUM = {"max_batch": 1, "max_chars": 1, "threads": 1, "workers": 1, "max_streams": 1, "max_prompt_chars": 1,
             "max_message_bytes": 1024, "metrics_port": -1}
 
 
