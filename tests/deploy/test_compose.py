@@ -80,8 +80,9 @@ def test_serve_listens_on_all_interfaces_at_the_published_port():
     serve = load()["services"]["serve"]
     env = serve["environment"]
     assert (env["CHARRNN_HOST"], env["CHARRNN_PORT"]) == ("0.0.0.0", "50051")
-    assert serve["ports"] == ["50051:50051"]
-    assert load(env={"CHARRNN_HOST_PORT": "6000"})["services"]["serve"]["ports"] == ["6000:50051"]
+    assert serve["ports"] == ["50051:50051", "9100:9100"]
+    assert load(env={"CHARRNN_HOST_PORT": "6000"})["services"]["serve"]["ports"] == ["6000:50051", "9100:9100"]
+    assert env["CHARRNN_METRICS_PORT"] == "9100"
     assert "metrics" in COMPOSE.read_text(), "the marked place for the metrics port is gone"
 
 

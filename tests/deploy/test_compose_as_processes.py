@@ -63,6 +63,8 @@ class Localizer:
         env = {name: self(value) for name, value in environment(service, user_env).items()}
         if env.get("CHARRNN_PORT") == CONTAINER_PORT:
             env["CHARRNN_PORT"] = str(self.port)
+        if env.get("CHARRNN_METRICS_PORT", "-1") != "-1":
+            env["CHARRNN_METRICS_PORT"] = "0"  # a free port here, not the container's fixed one
         if env.get("CHARRNN_HOST") == "0.0.0.0":
             env["CHARRNN_HOST"] = "127.0.0.1"
         return env
