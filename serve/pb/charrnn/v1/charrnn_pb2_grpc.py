@@ -66,6 +66,11 @@ class CharRNNServicer:
         The stream ends after max_chars messages (FINISH_REASON_LENGTH) or once a stop string has been
         produced (FINISH_REASON_STOP); the last message, and only it, carries the finish reason.
         Errors: INVALID_ARGUMENT for bad parameters or characters outside the vocabulary.
+        Every CharRNN rpc may also end with: RESOURCE_EXHAUSTED when the server is at its --max-streams
+        limit of concurrent calls (refused at once, never queued) or the request message is larger than
+        its --max-message-bytes; UNAUTHENTICATED when the server needs a bearer token ('authorization:
+        Bearer <token>' metadata) and the call lacks it; UNAVAILABLE while the server shuts down (also for
+        a call in flight cut at the end of the shutdown grace period, with a message saying so).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
