@@ -168,10 +168,19 @@ def cluster(tmp_path, hihell_run):
                     proc.wait()
 
 
-def upstreams_used(folder: Path) -> list[str]:
-    """For each Step call nginx logged, the replicas it tried: "A" or, after a failed try, "A, B"."""
-    calls = [line.split("|") for line in (folder / "access.log").read_text().splitlines()]
-    return [upstream for uri, status, upstream in calls if uri == "/charrnn.v1.CharRNN/Step" and status == "200"]
+def upstreams_used(folder: Path, expected: int) -> list[str]:
+    """For each Step call nginx logged, the replicas it tried: "A" or, after a failed try, "A, B".
+
+    nginx writes a call's log line after the client already has its reply, so wait (briefly) until
+    `expected` lines are there rather than race the last one.
+    """
+    deadline = time.monotonic() + 5
+    while True:
+        calls = [line.split("|") for line in (folder / "access.log").read_text().splitlines()]
+        used = [up for uri, status, up in calls if uri == "/charrnn.v1.CharRNN/Step" and status == "200"]
+        if len(used) >= expected or time.monotonic() > deadline:
+            return used
+        time.sleep(0.05)
 
 
 def test_step_chains_survive_losing_a_replica(cluster):
@@ -180,7 +189,7 @@ def test_step_chains_survive_losing_a_replica(cluster):
     try:
         reference = client.run()
         assert client.retries == 0
-        used = upstreams_used(folder)
+        used = upstreams_used(folder, len(CHAINS) * STEPS)
         assert len(used) == len(CHAINS) * STEPS
         for port in ports:  # round robin: each replica took part of every chain
             assert used.count(f"127.0.0.1:{port}") >= len(used) // 3, used
@@ -196,7 +205,7 @@ def test_step_chains_survive_losing_a_replica(cluster):
         client.close()
     assert survived == reference
     assert all(len(text) == len(start) + STEPS for text, start in zip(survived, CHAINS))
-    after_kill = upstreams_used(folder)[before + KILL_AT * len(CHAINS):]
+    after_kill = upstreams_used(folder, 2 * len(CHAINS) * STEPS)[before + KILL_AT * len(CHAINS):]
     assert len(after_kill) == (STEPS - KILL_AT) * len(CHAINS)
     assert all(u.split(", ")[-1] == f"127.0.0.1:{ports[1]}" for u in after_kill), after_kill
     # The calls that were sent to the dead replica either moved on inside nginx (logged "dead, alive")
