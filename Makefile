@@ -10,9 +10,11 @@ DEMO_BUDGET ?= 180
 
 install: $(STAMP)
 
-$(STAMP): requirements/train.txt requirements/export.txt requirements/serve.txt requirements/dev.txt
+$(STAMP): requirements/train.txt requirements/export.txt requirements/serve.txt requirements/dev.txt \
+		clients/node/package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements/dev.txt
+	if command -v npm >/dev/null; then npm ci --prefix clients/node --no-audit --no-fund; fi
 	touch $(STAMP)
 
 test: install
@@ -44,4 +46,4 @@ protos:
 		protos/charrnn/v1/charrnn.proto
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs clients/node/node_modules
