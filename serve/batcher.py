@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from serve import sampling
-from serve.errors import ServeError, Unavailable
+from serve.errors import EngineFailure, ServeError, Unavailable
 from serve.metrics import Metrics
 from serve.runtime import Runtime
 
@@ -48,10 +48,6 @@ class Finish(enum.IntEnum):
     NONE = 0
     LENGTH = 1
     STOP = 2
-
-
-class EngineFailure(ServeError):
-    """onnxruntime failed while this request was in the batch (the details are in the server log)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +80,7 @@ class Stream:
         self.consumed = 0
         self.cancelled = False
         self.failure: BaseException | None = None  # loop side: set when the engine fails the stream
+        self.parked = False  # engine side: sitting out until the consumer catches up
         self.done = False
         self.token = -1
         self.state: np.ndarray | None = None
@@ -153,12 +150,22 @@ def row_params(rows: list[Stream]) -> sampling.RowParams:
                               np.array([s.params.top_p for s in rows], dtype=np.float64))
 
 
+# Characters (rows x sequence length) in one prefill or Predict/Step call. The call's logits alone are
+# this x vocab floats, so without a cap 256 concurrent 10,000-character prompts would ask for a gigabyte.
+MAX_CALL_CHARS = 65_536
+
+
 def _group(items: list[Any], length: Any, size: int) -> list[list[Any]]:
-    """Items with equal `length(item)` in chunks of at most `size`, in arrival order."""
+    """Items with equal `length(item)`, in arrival order, in chunks of at most `size` rows and at most
+    MAX_CALL_CHARS characters (a longer single item still gets a call of its own)."""
     groups: dict[int, list[Any]] = {}
     for item in items:
         groups.setdefault(length(item), []).append(item)
-    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+    chunks = []
+    for n, group in groups.items():
+        rows = max(1, min(size, MAX_CALL_CHARS // max(n, 1)))
+        chunks += [group[i:i + rows] for i in range(0, len(group), rows)]
+    return chunks
 
 
 def _deliver(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
@@ -200,6 +207,7 @@ class Engine:
         self._outbox: collections.deque[tuple[Any, list[Any]]] = collections.deque()
         self._wake_pending = False
         self._stop_reason = "the server is shutting down"
+        self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._active: list[Stream] = []
@@ -225,12 +233,13 @@ class Engine:
         """Ends the worker; streams and jobs still in it fail with Unavailable(reason)."""
         if self._thread is not None and self._thread.is_alive():
             self._stop_reason = reason
+            self._stopping = True  # refuse new work before the worker drains the inbox for the last time
             self._inbox.put(_STOP)
             self._thread.join()
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return not self._stopping and self._thread is not None and self._thread.is_alive()
 
     def _check_running(self) -> None:
         if not self.running:
@@ -353,11 +362,19 @@ class Engine:
         prompted = [s for s in fresh if len(s.prompt)]
         for group in _group(prompted, lambda s: len(s.prompt), self.max_batch):
             ids = np.stack([s.prompt for s in group])
-            logits, state_out = self._ort(self.runtime.run, ids, self.runtime.zero_state(len(group)))
+            try:
+                logits, state_out = self._ort(self.runtime.run, ids, self.runtime.zero_state(len(group)))
+            except Exception:  # noqa: BLE001 - fail this group only; other streams keep going
+                log.exception("onnxruntime failed on a prefill batch")
+                self._abandon(group)
+                continue
             self.stats["prefill_calls"] += 1
             for i, s in enumerate(group):
                 s.state = state_out[i]
                 first[id(s)] = logits[i, -1]
+        fresh = [s for s in fresh if not s.done]
+        if not fresh:
+            return
         zero = self.runtime.zero_state(1)[0]
         for s in fresh:
             if not len(s.prompt):
@@ -386,8 +403,18 @@ class Engine:
             active = len(self._active)
             self._active = [s for s in self._active if not s.cancelled]
             self.metrics.cancelled_streams.inc(active - len(self._active))
-        window = self.window
-        rows = [s for s in self._active if s.produced - s.consumed < window]
+        window, rejoin = self.window, self.window // 2
+        rows = []
+        for s in self._active:
+            lag = s.produced - s.consumed
+            # Park at a full window, rejoin at half of it: a consumer hovering at the limit would
+            # otherwise change the batch (and on CUDA move every state through the host) each step.
+            if s.parked:
+                s.parked = lag > rejoin
+            elif lag >= window:
+                s.parked = True
+            if not s.parked:
+                rows.append(s)
         if rows != self._rows:
             self._rebuild(rows)
         ended = False
@@ -396,7 +423,13 @@ class Engine:
             n = len(batch.rows)
             ids = np.fromiter((s.token for s in batch.rows), dtype=np.int64, count=n)
             start = time.perf_counter()
-            logits, batch.state = self.runtime.step(ids.reshape(-1, 1), batch.state)
+            try:
+                logits, batch.state = self.runtime.step(ids.reshape(-1, 1), batch.state)
+            except Exception:  # noqa: BLE001 - fail this batch only; the other batches keep going
+                log.exception("onnxruntime failed on a step batch of %d", n)
+                self._abandon(batch.rows)
+                ended = True
+                continue
             seconds = time.perf_counter() - start
             stats["ort_seconds"] += seconds
             stats["step_calls"] += 1
@@ -422,6 +455,12 @@ class Engine:
             states = np.stack([s.state for s in chunk])  # type: ignore[misc]
             self._batches.append(_Batch(chunk, self.runtime.upload(states)))
         self._rows = rows
+
+    def _abandon(self, streams: list[Stream]) -> None:
+        """Ends these streams with EngineFailure; `_step` drops them (they are done) and re-forms batches."""
+        for s in streams:
+            s.done = True
+        self._post(_fail, [(s, EngineFailure("model execution failed")) for s in streams])
 
     def _fail_all(self, jobs: list[_Job], error: ServeError) -> None:
         self._post(_resolve, [(j.future, None, error) for j in jobs])

@@ -44,6 +44,11 @@ class ConfigError(ServeError):
     """A setting cannot be used, e.g. an unreadable TLS file (start-up only)."""
 
 
+class EngineFailure(ServeError):
+    """onnxruntime failed while this request was in the batch (the details are in the server log);
+    other requests are unaffected and a retry may well succeed, hence UNAVAILABLE."""
+
+
 class Unavailable(ServeError):
     """The server is shutting down, or the engine is not running."""
 
@@ -59,6 +64,7 @@ class Unauthenticated(ServeError):
 _STATUS: dict[type[ServeError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    EngineFailure: grpc.StatusCode.UNAVAILABLE,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     ModelError: grpc.StatusCode.FAILED_PRECONDITION,

@@ -1,0 +1,125 @@
+"""The engine under stress: per-call size caps, failures confined to their own call, park hysteresis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+
+from serve.batcher import MAX_CALL_CHARS, Engine, SamplingParams, _group
+from serve.errors import EngineFailure, status_of
+from serve.runtime import Runtime
+
+
+@pytest.fixture(scope="module")
+def runtime(text_model) -> Runtime:
+    return Runtime(text_model, "cpu")
+
+
+class Wrapped:
+    """A real runtime whose calls can be counted or made to fail."""
+
+    def __init__(self, runtime: Runtime, fail_step_calls: int = 0, fail_prefill_len: int | None = None) -> None:
+        self._runtime = runtime
+        self.spec = runtime.spec
+        self.fail_step_calls = fail_step_calls
+        self.fail_prefill_len = fail_prefill_len
+        self.uploads = 0
+
+    def __getattr__(self, name):
+        return getattr(self._runtime, name)
+
+    def run(self, ids, state):
+        if ids.shape[1] == self.fail_prefill_len:
+            raise RuntimeError("simulated onnxruntime failure")
+        return self._runtime.run(ids, state)
+
+    def step(self, ids, state):
+        if self.fail_step_calls:
+            self.fail_step_calls -= 1
+            raise RuntimeError("simulated onnxruntime failure")
+        return self._runtime.step(ids, state)
+
+    def upload(self, state):
+        self.uploads += 1
+        return self._runtime.upload(state)
+
+
+async def _text(engine: Engine, prompt: list[int], seed: int, n: int, pause: float = 0.0) -> list[int]:
+    stream = engine.generate(np.array(prompt, dtype=np.int64), SamplingParams(seed=seed), n)
+    out = []
+    try:
+        async for token, _, _ in stream:
+            out.append(token)
+            if pause:
+                await asyncio.sleep(pause)
+    finally:
+        stream.close()
+    return out
+
+
+def _run(engine: Engine, factory):
+    async def main():
+        engine.start(asyncio.get_running_loop())
+        try:
+            return await factory()
+        finally:
+            engine.stop()
+    return asyncio.run(main())
+
+
+def test_calls_are_capped_in_characters_as_well_as_rows():
+    long = [np.zeros(10_000)] * 10
+    chunks = _group(long, len, 256)
+    assert [len(c) for c in chunks] == [6, 4]  # 6 x 10,000 <= MAX_CALL_CHARS < 7 x 10,000
+    assert all(len(c) * 10_000 <= MAX_CALL_CHARS for c in chunks)
+    assert [len(c) for c in _group([np.zeros(3)] * 300, len, 256)] == [256, 44]
+    assert [len(c) for c in _group([np.zeros(MAX_CALL_CHARS * 2)], len, 256)] == [1]
+
+
+def test_a_failed_step_call_fails_only_its_own_batch(runtime):
+    reference_engine = Engine(runtime)
+    expected = _run(reference_engine, lambda: _text(reference_engine, [2], 7, 20))
+
+    engine = Engine(Wrapped(runtime, fail_step_calls=1), max_batch=1)  # type: ignore[arg-type]
+
+    async def scenario():
+        first = asyncio.ensure_future(_text(engine, [1], 1, 20))
+        second = asyncio.ensure_future(_text(engine, [2], 7, 20))
+        return await asyncio.gather(first, second, return_exceptions=True)
+
+    first, second = _run(engine, scenario)
+    assert isinstance(first, EngineFailure)  # the first step call (its batch of one) failed
+    assert second == expected  # the other batch never noticed
+
+
+def test_a_failed_prefill_fails_only_its_own_group(runtime):
+    reference_engine = Engine(runtime)
+    expected = _run(reference_engine, lambda: _text(reference_engine, [3], 5, 15))
+    engine = Engine(Wrapped(runtime, fail_prefill_len=2))  # type: ignore[arg-type]
+
+    async def scenario():
+        return await asyncio.gather(_text(engine, [1, 2], 1, 15), _text(engine, [3], 5, 15),
+                                    return_exceptions=True)
+
+    broken, fine = _run(engine, scenario)
+    assert isinstance(broken, EngineFailure)
+    assert fine == expected
+
+
+def test_engine_failures_reach_clients_as_unavailable():
+    assert status_of(EngineFailure("model execution failed")) == (
+        grpc.StatusCode.UNAVAILABLE, "model execution failed")
+
+
+def test_a_slow_consumer_does_not_rebuild_the_batch_every_character(runtime):
+    wrapped = Wrapped(runtime)
+    engine = Engine(wrapped, window=8)  # type: ignore[arg-type]
+    reference_engine = Engine(runtime)
+    expected = _run(reference_engine, lambda: _text(reference_engine, [1], 3, 160))
+    assert _run(engine, lambda: _text(engine, [1], 3, 160, pause=0.002)) == expected
+    # Parking at 8 behind and rejoining at 4 behind re-forms the batch at most once per 4 characters
+    # (31 times measured); rejoining as soon as the lag dropped below 8 re-formed it 62 times.
+    assert wrapped.uploads <= 160 // 4 + 4, wrapped.uploads
