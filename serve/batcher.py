@@ -213,7 +213,8 @@ class Engine:
         self._active: list[Stream] = []
         self._rows: list[Stream] = []
         self._batches: list[_Batch] = []
-        self.stats = {"step_calls": 0, "step_rows": 0, "prefill_calls": 0, "job_calls": 0, "ort_seconds": 0.0}
+        self.stats = {"step_calls": 0, "step_rows": 0, "prefill_calls": 0, "job_calls": 0, "rider_rows": 0,
+                      "ort_seconds": 0.0}
 
     def _empty_prompt_logprobs(self) -> np.ndarray:
         """log of mean_c softmax(logits(zero state, c)): how an empty prompt's first char is drawn."""
@@ -276,11 +277,15 @@ class Engine:
             try:
                 jobs = [i for i in items if isinstance(i, _Job)]
                 fresh = [i for i in items if isinstance(i, Stream)]
+                riders: list[_Job] = []
+                if self._active:  # one-character Predict/Step jobs ride along in the step call
+                    riders = [j for j in jobs if len(j.ids) == 1]
+                    jobs = [j for j in jobs if len(j.ids) != 1]
                 if jobs:
                     self._run_jobs(jobs)
                 if fresh:
                     self._admit(fresh)
-                stepped = self._step() if self._active else False
+                stepped = self._step(riders) if self._active else False
             except Exception:  # noqa: BLE001 - keep serving; fail only the requests in flight
                 log.exception("engine iteration failed")
                 self._active.extend(i for i in items if isinstance(i, Stream) and not i.done and i not in self._active)
@@ -397,8 +402,13 @@ class Engine:
         self._post(_deliver, out)
         return ended
 
-    def _step(self) -> bool:
-        """One character for every stream that may run; False when all of them are parked."""
+    def _step(self, riders: list[_Job] | None = None) -> bool:
+        """One character for every stream that may run; False when all of them are parked.
+
+        riders: one-character Predict/Step jobs, added as extra rows to a step call whose state is on the
+        host (CPU) while it has room; whatever does not fit gets a call of its own.
+        """
+        riders = [j for j in riders or () if not j.future.cancelled()]
         if any(s.cancelled for s in self._active):
             active = len(self._active)
             self._active = [s for s in self._active if not s.cancelled]
@@ -422,12 +432,19 @@ class Engine:
         for batch in self._batches:
             n = len(batch.rows)
             ids = np.fromiter((s.token for s in batch.rows), dtype=np.int64, count=n)
+            extra: list[_Job] = []
+            if riders and isinstance(batch.state, np.ndarray) and n < self.max_batch:
+                extra, riders = riders[: self.max_batch - n], riders[self.max_batch - n:]
             start = time.perf_counter()
             try:
-                logits, batch.state = self.runtime.step(ids.reshape(-1, 1), batch.state)
+                if extra:
+                    logits, batch.state = self._step_with_riders(ids, batch.state, extra)
+                else:
+                    logits, batch.state = self.runtime.step(ids.reshape(-1, 1), batch.state)
             except Exception:  # noqa: BLE001 - fail this batch only; the other batches keep going
-                log.exception("onnxruntime failed on a step batch of %d", n)
+                log.exception("onnxruntime failed on a step batch of %d", n + len(extra))
                 self._abandon(batch.rows)
+                self._post(_resolve, [(j.future, None, EngineFailure("model execution failed")) for j in extra])
                 ended = True
                 continue
             seconds = time.perf_counter() - start
@@ -439,9 +456,24 @@ class Engine:
             metrics.characters.inc(n)
             uniforms = sampling.draw(batch.generators)
             ended |= self._sample_and_deliver(batch.rows, logits, batch.params, uniforms)
+        if riders:
+            self._run_jobs(riders)
         if ended:
             self._active = [s for s in self._active if not s.done]
         return bool(rows)
+
+    def _step_with_riders(self, ids: np.ndarray, state: np.ndarray,
+                          extra: list[_Job]) -> tuple[np.ndarray, np.ndarray]:
+        """One call for the batch's rows plus the riders' rows; resolves the riders, returns the batch's part."""
+        n = len(ids)
+        zero = self.runtime.zero_state(1)[0]
+        all_ids = np.concatenate([ids, [j.ids[0] for j in extra]]).reshape(-1, 1)
+        all_states = np.concatenate([state, np.stack([zero if j.state is None else j.state for j in extra])])
+        logits, state_out = self.runtime.step(all_ids, all_states)
+        self.stats["rider_rows"] += len(extra)
+        self._post(_resolve, [(j.future, (logits[n + i][None, :], state_out[n + i]), None)
+                              for i, j in enumerate(extra)])
+        return logits[:n], state_out[:n]
 
     def _rebuild(self, rows: list[Stream]) -> None:
         """The set of running streams changed: park their states on the host and re-form batches."""

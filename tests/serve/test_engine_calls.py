@@ -1,4 +1,5 @@
-"""The engine under stress: per-call size caps, failures confined to their own call, park hysteresis."""
+"""How the engine plans its onnxruntime calls: size caps, riders in the step call, failures confined to
+their own call, park hysteresis."""
 
 from __future__ import annotations
 
@@ -123,3 +124,31 @@ def test_a_slow_consumer_does_not_rebuild_the_batch_every_character(runtime):
     # Parking at 8 behind and rejoining at 4 behind re-forms the batch at most once per 4 characters
     # (31 times measured); rejoining as soon as the lag dropped below 8 re-formed it 62 times.
     assert wrapped.uploads <= 160 // 4 + 4, wrapped.uploads
+
+
+def test_one_character_predict_rides_in_the_step_call_with_the_same_results(runtime):
+    idle = Engine(runtime)
+    texts = [[1], [2], [3], [4]]
+
+    async def alone():
+        return [await idle.predict(np.array(t, dtype=np.int64), None) for t in texts]
+
+    expected = _run(idle, alone)
+    assert idle.stats["rider_rows"] == 0
+
+    busy = Engine(runtime)
+
+    async def beside_a_stream():
+        stream = busy.generate(np.array([1], dtype=np.int64), SamplingParams(seed=1), 100_000)
+        await stream.__anext__()  # the stream is in the step batch now
+        try:
+            return await asyncio.gather(*(busy.predict(np.array(t, dtype=np.int64), None) for t in texts))
+        finally:
+            stream.close()
+
+    got = _run(busy, beside_a_stream)
+    assert busy.stats["rider_rows"] == len(texts) and busy.stats["job_calls"] == 0
+    for (want_logits, want_state), (logits, state) in zip(expected, got):
+        assert logits.shape == want_logits.shape and state.shape == want_state.shape
+        np.testing.assert_allclose(logits, want_logits, atol=1e-5)
+        np.testing.assert_allclose(state, want_state, atol=1e-5)
