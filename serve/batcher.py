@@ -10,10 +10,12 @@ outbox and wakes the loop (`call_soon_threadsafe`) only when it is not already d
 the loop sends step k's characters while the worker computes step k+1. Knows nothing about gRPC.
 
 Each engine iteration:
-  1. Predict/Step jobs: grouped by text length, one call per group (seq = length).
+  1. Predict/Step jobs: grouped by text length, one call per group (seq = length); while streams are
+     stepping, one-character jobs instead ride in step 3's call as extra rows (host state only).
   2. New Generate streams: prompts grouped by length, one call per group (seq = prompt length),
      then their first characters are sampled together.
   3. One step of every active stream: one call per `max_batch` rows, vectorised sampling.
+Every prefill or job call holds at most MAX_CALL_CHARS characters (rows x length).
 A stream whose consumer lags `window` characters behind sits out (parked) until it catches up.
 `max_batch=1` is the unbatched mode: every stream gets its own call per character.
 """
