@@ -40,8 +40,9 @@ class Settings:
         "help": "logging level, any case (one line per RPC at INFO)", "choices": ("DEBUG", "INFO", "WARNING", "ERROR"),
         "type": str.upper})
     state_key: str = field(default="", repr=False, metadata={
-        "help": "secret mixed into Step state tags so only servers sharing it accept the state "
-                "(set it through the environment: a flag shows in the process list)"})
+        "help": "secret mixed into Step state tags so only servers sharing it accept the state; unset, anyone "
+                "can mint a valid state from the public model SHA-256 (set it through the environment: a flag "
+                "shows in the process list)"})
     max_streams: int = field(default=1024, metadata={
         "help": "concurrent CharRNN calls (health excluded); one more is refused at once with "
                 "RESOURCE_EXHAUSTED, never queued"})
