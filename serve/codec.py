@@ -13,14 +13,16 @@ Layout (little-endian), version 1:
     end-32  32    tag: HMAC-SHA256(key, every byte before the tag)
 
 key = SHA-256(b"charrnn-state-v1" + model SHA-256 + secret). Every replica that serves the same file
-(and, when set, the same --state-key secret) derives the same key, so any of them accepts any state.
+(and, when set, the same CHARRNN_STATE_KEY secret) derives the same key, so any of them accepts any state.
 
-What "forged" means here. Without a secret the key derives from the model file alone: the tag then
-rejects truncation, bit flips, random bytes and state from another model, but whoever holds the
-model file can compute valid tags, so it is an integrity check, not authentication. A state is only
-floats fed back into the network, so a crafted one can only change that caller's own predictions;
-non-finite values are rejected too. Deployments that must refuse states not minted by their own
-servers set CHARRNN_STATE_KEY (the same on every replica): the tag is then a real MAC.
+What the tag proves. Without CHARRNN_STATE_KEY the key derives from the model's SHA-256 alone, and that
+is public: every state carries it (offset 8) and GetModelInfo returns it. Anyone can therefore mint a
+state with a valid tag around floats of their choosing. The tag catches corruption, truncation, random
+bytes and state from another model; it does not catch deliberate forgery: it is a checksum, not
+authentication. A state is only floats fed back into the network (non-finite ones are rejected), so a
+crafted one can only change that caller's own predictions. With CHARRNN_STATE_KEY set (the same on
+every replica) the key is secret, the tag is a real MAC and a forged state is rejected with
+INVALID_ARGUMENT: set it when state crosses a trust boundary, e.g. when untrusted clients hold it.
 """
 
 from __future__ import annotations

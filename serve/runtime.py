@@ -52,7 +52,8 @@ class ModelSpec:
 
 def _positive_int(meta: dict[str, str], key: str, path: str) -> int:
     raw = meta[key]
-    if not raw.isdigit() or int(raw) <= 0:
+    # ASCII digits only: '²'.isdigit() is True yet int('²') raises, and int('٢') is 2 from Arabic-Indic digits
+    if not (raw.isascii() and raw.isdecimal()) or int(raw) <= 0:
         raise ModelError(path, f"metadata {key!r} must be a positive decimal integer, got {raw!r}")
     return int(raw)
 

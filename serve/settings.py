@@ -1,7 +1,9 @@
 """Server settings: one frozen dataclass, from the command line or CHARRNN_* environment variables.
 
 A command-line flag wins over the environment, which wins over the default. docker compose sets the
-environment (e.g. CHARRNN_MODEL=/models/model.onnx CHARRNN_HOST=0.0.0.0 CHARRNN_PORT=50051).
+environment (e.g. CHARRNN_MODEL=/models/model.onnx CHARRNN_HOST=0.0.0.0 CHARRNN_PORT=50051). An empty
+variable counts as unset: compose passes `CHARRNN_MAX_BATCH:` with nothing in .env as "". A bad value,
+from a flag or the environment, is argparse's usage error (exit 2) naming it, never a traceback.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ PREFIX = "CHARRNN_"
 class Settings:
     model: str = field(metadata={"help": "the exported .onnx file (the only thing the server reads)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind; containers use 0.0.0.0"})
-    port: int = field(default=0, metadata={"help": "port to bind; 0 picks a free one (printed when ready)"})
+    port: int = field(default=0, metadata={"help": "port to bind (0-65535); 0 picks a free one (printed when ready)"})
     device: str = field(default="auto", metadata={
         "help": "auto (CUDA when onnxruntime offers it, else CPU), cpu, or cuda (fail without CUDA)",
         "choices": ("auto", "cpu", "cuda")})
@@ -34,10 +36,13 @@ class Settings:
                 "not calls, across them, so it helps clients that open several connections"})
     threads: int = field(default=1, metadata={
         "help": "onnxruntime intra-op threads; 1 leaves a core for gRPC on a 2-core machine"})
-    log_level: str = field(default="INFO", metadata={"help": "logging level (one line per RPC at INFO)"})
+    log_level: str = field(default="INFO", metadata={
+        "help": "logging level, any case (one line per RPC at INFO)", "choices": ("DEBUG", "INFO", "WARNING", "ERROR"),
+        "type": str.upper})
     state_key: str = field(default="", repr=False, metadata={
-        "help": "secret mixed into Step state tags so only servers sharing it accept the state "
-                "(set it through the environment: a flag shows in the process list)"})
+        "help": "secret mixed into Step state tags so only servers sharing it accept the state; unset, anyone "
+                "can mint a valid state from the public model SHA-256 (set it through the environment: a flag "
+                "shows in the process list)"})
     max_streams: int = field(default=1024, metadata={
         "help": "concurrent CharRNN calls (health excluded); one more is refused at once with "
                 "RESOURCE_EXHAUSTED, never queued"})
@@ -59,21 +64,33 @@ class Settings:
                 "set it through the environment: a flag shows in the process list"})
 
 
-_MINIMUM = {"max_batch": 1, "max_chars": 1, "threads": 1, "workers": 1, "max_streams": 1, "max_prompt_chars": 1,
-            "max_message_bytes": 1024, "metrics_port": -1}
+# Inclusive bounds; anything not named here must be >= 0. Ports stop at 65535: a larger number is not a
+# port, and --port 70000 used to bind without a word.
+_RANGE: dict[str, tuple[float, float | None]] = {
+    "port": (0, 65535), "metrics_port": (-1, 65535), "max_batch": (1, None), "max_chars": (1, None),
+    "threads": (1, None), "workers": (1, None), "max_streams": (1, None), "max_prompt_chars": (1, None),
+    "max_message_bytes": (1024, None)}
 
 
 def _number(name: str, kind: type) -> Any:
+    low, high = _RANGE.get(name, (0, None))
+
     def convert(text: str) -> int | float:
-        value = kind(text)
-        if not value >= _MINIMUM.get(name, 0):  # also rejects NaN
-            raise argparse.ArgumentTypeError(f"{name} out of range: {value}")
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not value >= low or (high is not None and value > high):  # `not >=` also rejects NaN
+            bounds = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text!r}")
         return value
     convert.__name__ = name  # argparse names the type in its error message
     return convert
 
 
 def parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The parser, with defaults from `environ` (os.environ when None); a bad variable exits 2 here."""
     environ = os.environ if environ is None else environ
     p = argparse.ArgumentParser(prog="python -m serve", description="Serve a charrnn ONNX model over gRPC.",
                                 epilog="Every flag can also be set as CHARRNN_<NAME>, e.g. CHARRNN_PORT=50051.")
@@ -82,10 +99,12 @@ def parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
         kwargs: dict[str, Any] = {"help": f"{f.metadata['help']} [{env}]"}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
-        if f.type in ("int", "float"):
+        if "type" in f.metadata:
+            kwargs["type"] = f.metadata["type"]
+        elif f.type in ("int", "float"):
             kwargs["type"] = _number(f.name, int if f.type == "int" else float)
-        if env in environ:
-            kwargs["default"] = kwargs.get("type", str)(environ[env])
+        if environ.get(env, ""):
+            kwargs["default"] = _from_environment(p, env, environ[env], kwargs.get("type", str), kwargs.get("choices"))
         elif f.name == "model":
             kwargs["required"] = True
         else:
@@ -94,5 +113,23 @@ def parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def _from_environment(p: argparse.ArgumentParser, env: str, raw: str, convert: Any,
+                      choices: Sequence[str] | None) -> Any:
+    """A variable's value checked as argparse checks a flag's (which skips defaults' choices)."""
+    try:
+        value = convert(raw)
+    except argparse.ArgumentTypeError as error:
+        p.error(f"{env}: {error}")  # the message quotes the value
+    if choices is not None and value not in choices:
+        p.error(f"{env}={raw!r}: choose from {', '.join(choices)}")
+    return value
+
+
 def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    return Settings(**vars(parser(environ).parse_args(argv)))
+    p = parser(environ)
+    settings = Settings(**vars(p.parse_args(argv)))
+    last = settings.metrics_port + settings.workers - 1  # worker i serves metrics on PORT+i
+    if settings.metrics_port > 0 and last > 65535:
+        p.error(f"--metrics-port {settings.metrics_port} with --workers {settings.workers} needs ports up to {last}"
+                " (above 65535)")
+    return settings

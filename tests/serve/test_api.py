@@ -105,6 +105,19 @@ def test_stop_matches_generated_text_not_prompt(hihell_server):
     assert len(responses) == 3 and responses[-1].finish_reason == pb.FINISH_REASON_LENGTH
 
 
+@pytest.mark.parametrize("stop", ["llo", "ello", "hihello"])
+def test_prompt_never_completes_a_stop_string(hihell_server, stop):
+    # greedy after "hihell" is "o": prompt tail + first character spell the stop string, which must not
+    # count, as stop strings match the generated text only; the stream ends where the generated text has it
+    full = text_of(generate(hihell_server, prompt="hihell", max_chars=30, temperature=0))
+    assert full[0] == "o" and ("hihell" + full[0]).endswith(stop)
+    responses = generate(hihell_server, prompt="hihell", max_chars=30, temperature=0, stop=[stop])
+    end = full.find(stop) + len(stop) if stop in full else len(full)
+    assert len(responses) > 1 and responses[0].finish_reason == pb.FINISH_REASON_UNSPECIFIED
+    assert text_of(responses) == full[:end]
+    assert responses[-1].finish_reason == (pb.FINISH_REASON_STOP if stop in full else pb.FINISH_REASON_LENGTH)
+
+
 @pytest.mark.parametrize("fields, fragment", [
     (dict(prompt="hi", max_chars=0), "max_chars"),
     (dict(prompt="hi", max_chars=1001), "max_chars"),

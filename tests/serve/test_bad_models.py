@@ -41,6 +41,7 @@ def drop_meta(key: str):
     (set_meta("vocab", '{"h": 0, "i": 1}'), "metadata 'vocab' must be a non-empty JSON list"),
     (set_meta("vocab", "h,i,e,l,o"), "metadata 'vocab' is not JSON"),
     (set_meta("num_layers", "two"), "metadata 'num_layers' must be a positive decimal integer"),
+    (set_meta("num_layers", "\u00b2"), "metadata 'num_layers' must be a positive decimal integer"),
 ])
 def test_server_refuses_a_broken_model(tmp_path, hihell_model, change, problem):
     model = onnx.load(hihell_model)

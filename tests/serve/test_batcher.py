@@ -49,17 +49,34 @@ def test_max_batch_splits_the_step_but_not_the_results(runtime):
 
 
 def test_cancelled_streams_leave_the_batch(runtime):
-    engine = Engine(runtime, window=8)
+    # a window wider than the stream: it is never parked, so only close() can take it out of the engine
+    engine = Engine(runtime, window=10_000_000)
+
+    def cancelled() -> float:
+        return engine.metrics.registry.get_sample_value("charrnn_cancelled_streams_total")
 
     async def scenario():
-        stream = engine.generate(np.array([1], dtype=np.int64), SamplingParams(seed=1), 100_000)
+        stream = engine.generate(np.array([1], dtype=np.int64), SamplingParams(seed=1), 10_000_000)
         await stream.__anext__()
+        await asyncio.sleep(0.05)
+        running = engine.stats["step_rows"]
         stream.close()
-        return await collect(engine, np.array([2], dtype=np.int64), 2, 30)
+        for _ in range(100):  # the engine drops it at its next step: wait for that, at most 5 s
+            if cancelled():
+                break
+            await asyncio.sleep(0.05)
+        counted = cancelled()  # before stop(), which counts the streams it cuts
+        after = [engine.stats["step_rows"]]
+        await asyncio.sleep(0.05)
+        after.append(engine.stats["step_rows"])
+        rest = await collect(engine, np.array([2], dtype=np.int64), 2, 30)
+        return running, after, counted, rest
 
-    assert len(run(engine, scenario)) == 30
-    # the abandoned stream was parked by its window, then dropped: far fewer than 100000 steps ran
-    assert engine.stats["step_rows"] < 1000
+    running, after, counted, rest = run(engine, scenario)
+    assert running > 0  # it was being stepped, unparked, when closed
+    assert after[0] == after[1], after  # no more steps for it after close()
+    assert counted == 1
+    assert len(rest) == 30 and cancelled() == 1  # the engine keeps serving; nothing left to cut at stop
 
 
 class FlakyRuntime:

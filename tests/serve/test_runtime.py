@@ -65,6 +65,10 @@ def test_the_real_model_loads(hihell_model):
     (dict(meta={**META, "vocab": '["a", "a", "c"]'}), "repeated"),
     (dict(meta={**META, "cell": "transformer"}), "cell"),
     (dict(meta={**META, "num_layers": "two"}), "num_layers"),
+    (dict(meta={**META, "num_layers": "\u00b2"}), "positive decimal integer, got '\u00b2'"),  # isdigit(), not int()
+    (dict(meta={**META, "num_layers": "\u0662"}), "positive decimal integer"),  # int() reads it as 2
+    (dict(meta={**META, "num_layers": "0"}), "positive decimal integer"),
+    (dict(meta={**META, "hidden_size": " 4"}), "hidden_size"),
     (dict(meta={**META, "state_size": "8"}), "state_size 8"),
     (dict(ids_name="tokens"), "inputs are"),
     (dict(ids_type=TensorProto.INT32), "tensor(int32)"),

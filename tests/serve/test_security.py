@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import hashlib
+import hmac
 import ipaddress
 import logging
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -144,3 +149,27 @@ def test_bad_tls_settings_stop_the_server_with_a_message(hihell_model, pki, tmp_
     proc = run_stage("serve", "--model", str(hihell_model), *[f.format(**paths) for f in flags],
                      check=False, timeout=60)
     assert proc.returncode != 0 and fragment.format(**paths) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def mint_state(info: pb.ModelInfo, values: np.ndarray) -> bytes:
+    """A Step state built from public facts only (GetModelInfo), tagged with the keyless derivation."""
+    sha = bytes.fromhex(info.model_sha256)
+    body = (struct.pack("<4sHH32sII", b"CRNS", 1, 0, sha, info.num_layers, info.state_size)
+            + values.astype("<f4").tobytes())
+    key = hashlib.sha256(b"charrnn-state-v1" + sha).digest()  # no secret: nothing a client lacks
+    return body + hmac.new(key, body, hashlib.sha256).digest()
+
+
+def test_only_a_state_key_stops_forged_state(hihell_model):
+    """Keyless, the tag catches accidents, not forgery; with CHARRNN_STATE_KEY a minted state is refused."""
+    live = contextlib.contextmanager(serve_model)
+    with live(hihell_model) as keyless, live(hihell_model, state_key="s3cret") as keyed:
+        info = keyless.stub.GetModelInfo(pb.GetModelInfoRequest())
+        values = np.full((info.num_layers, info.state_size), 0.5, dtype=np.float32)
+        forged = pb.StepRequest(state=mint_state(info, values), text="h")
+        assert keyless.stub.Step(forged).state  # the documented limitation: accepted
+        with pytest.raises(grpc.RpcError) as caught:
+            keyed.stub.Step(forged)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "checksum" in caught.value.details()
+        own = keyed.stub.Step(pb.StepRequest(text="hi")).state  # its own states still chain
+        assert keyed.stub.Step(pb.StepRequest(state=own, text="h")).state
