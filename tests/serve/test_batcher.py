@@ -1,13 +1,16 @@
-"""The engine without gRPC: batch splitting, cancellation, and surviving an onnxruntime failure."""
+"""The engine without gRPC: batch splitting, cancellation, per-call size caps, one-character jobs riding
+in the step call, onnxruntime failures confined to their own call, and park hysteresis."""
 
 from __future__ import annotations
 
 import asyncio
 
+import grpc
 import numpy as np
 import pytest
 
-from serve.batcher import Engine, EngineFailure, Finish, SamplingParams
+from serve.batcher import MAX_CALL_CHARS, Engine, Finish, SamplingParams, _group
+from serve.errors import EngineFailure, status_of
 from serve.runtime import Runtime
 
 
@@ -79,25 +82,8 @@ def test_cancelled_streams_leave_the_batch(runtime):
     assert len(rest) == 30 and cancelled() == 1  # the engine keeps serving; nothing left to cut at stop
 
 
-class FlakyRuntime:
-    """Delegates to a real runtime but fails the first `fail` step calls."""
-
-    def __init__(self, runtime: Runtime, fail: int) -> None:
-        self._runtime, self.fail = runtime, fail
-        self.spec = runtime.spec
-
-    def __getattr__(self, name):
-        return getattr(self._runtime, name)
-
-    def step(self, ids, state):
-        if self.fail:
-            self.fail -= 1
-            raise RuntimeError("simulated onnxruntime failure")
-        return self._runtime.step(ids, state)
-
-
 def test_an_onnxruntime_failure_fails_the_batch_and_the_engine_keeps_serving(runtime):
-    engine = Engine(FlakyRuntime(runtime, fail=1))  # type: ignore[arg-type]
+    engine = Engine(Wrapped(runtime, fail_step_calls=1))  # type: ignore[arg-type]
 
     async def scenario():
         with pytest.raises(EngineFailure):
@@ -105,3 +91,128 @@ def test_an_onnxruntime_failure_fails_the_batch_and_the_engine_keeps_serving(run
         return await collect(engine, np.array([1], dtype=np.int64), 1, 10)
 
     assert len(run(engine, scenario)) == 10
+
+
+class Wrapped:
+    """A real runtime whose calls can be counted or made to fail."""
+
+    def __init__(self, runtime: Runtime, fail_step_calls: int = 0, fail_prefill_len: int | None = None) -> None:
+        self._runtime = runtime
+        self.spec = runtime.spec
+        self.fail_step_calls = fail_step_calls
+        self.fail_prefill_len = fail_prefill_len
+        self.uploads = 0
+
+    def __getattr__(self, name):
+        return getattr(self._runtime, name)
+
+    def run(self, ids, state):
+        if ids.shape[1] == self.fail_prefill_len:
+            raise RuntimeError("simulated onnxruntime failure")
+        return self._runtime.run(ids, state)
+
+    def step(self, ids, state):
+        if self.fail_step_calls:
+            self.fail_step_calls -= 1
+            raise RuntimeError("simulated onnxruntime failure")
+        return self._runtime.step(ids, state)
+
+    def upload(self, state):
+        self.uploads += 1
+        return self._runtime.upload(state)
+
+
+async def _text(engine: Engine, prompt: list[int], seed: int, n: int, pause: float = 0.0) -> list[int]:
+    stream = engine.generate(np.array(prompt, dtype=np.int64), SamplingParams(seed=seed), n)
+    out = []
+    try:
+        async for token, _, _ in stream:
+            out.append(token)
+            if pause:
+                await asyncio.sleep(pause)
+    finally:
+        stream.close()
+    return out
+
+
+def test_calls_are_capped_in_characters_as_well_as_rows():
+    long = [np.zeros(10_000)] * 10
+    chunks = _group(long, len, 256)
+    assert [len(c) for c in chunks] == [6, 4]  # 6 x 10,000 <= MAX_CALL_CHARS < 7 x 10,000
+    assert all(len(c) * 10_000 <= MAX_CALL_CHARS for c in chunks)
+    assert [len(c) for c in _group([np.zeros(3)] * 300, len, 256)] == [256, 44]
+    assert [len(c) for c in _group([np.zeros(MAX_CALL_CHARS * 2)], len, 256)] == [1]
+
+
+def test_a_failed_step_call_fails_only_its_own_batch(runtime):
+    reference_engine = Engine(runtime)
+    expected = run(reference_engine, lambda: _text(reference_engine, [2], 7, 20))
+
+    engine = Engine(Wrapped(runtime, fail_step_calls=1), max_batch=1)  # type: ignore[arg-type]
+
+    async def scenario():
+        first = asyncio.ensure_future(_text(engine, [1], 1, 20))
+        second = asyncio.ensure_future(_text(engine, [2], 7, 20))
+        return await asyncio.gather(first, second, return_exceptions=True)
+
+    first, second = run(engine, scenario)
+    assert isinstance(first, EngineFailure)  # the first step call (its batch of one) failed
+    assert second == expected  # the other batch never noticed
+
+
+def test_a_failed_prefill_fails_only_its_own_group(runtime):
+    reference_engine = Engine(runtime)
+    expected = run(reference_engine, lambda: _text(reference_engine, [3], 5, 15))
+    engine = Engine(Wrapped(runtime, fail_prefill_len=2))  # type: ignore[arg-type]
+
+    async def scenario():
+        return await asyncio.gather(_text(engine, [1, 2], 1, 15), _text(engine, [3], 5, 15),
+                                    return_exceptions=True)
+
+    broken, fine = run(engine, scenario)
+    assert isinstance(broken, EngineFailure)
+    assert fine == expected
+
+
+def test_engine_failures_reach_clients_as_unavailable():
+    assert status_of(EngineFailure("model execution failed")) == (
+        grpc.StatusCode.UNAVAILABLE, "model execution failed")
+
+
+def test_a_slow_consumer_does_not_rebuild_the_batch_every_character(runtime):
+    wrapped = Wrapped(runtime)
+    engine = Engine(wrapped, window=8)  # type: ignore[arg-type]
+    reference_engine = Engine(runtime)
+    expected = run(reference_engine, lambda: _text(reference_engine, [1], 3, 160))
+    assert run(engine, lambda: _text(engine, [1], 3, 160, pause=0.002)) == expected
+    # Parking at 8 behind and rejoining at 4 behind re-forms the batch at most once per 4 characters
+    # (31 times measured); rejoining as soon as the lag dropped below 8 re-formed it 62 times.
+    assert wrapped.uploads <= 160 // 4 + 4, wrapped.uploads
+
+
+def test_one_character_predict_rides_in_the_step_call_with_the_same_results(runtime):
+    idle = Engine(runtime)
+    texts = [[1], [2], [3], [4]]
+
+    async def alone():
+        return [await idle.predict(np.array(t, dtype=np.int64), None) for t in texts]
+
+    expected = run(idle, alone)
+    assert idle.stats["rider_rows"] == 0
+
+    busy = Engine(runtime)
+
+    async def beside_a_stream():
+        stream = busy.generate(np.array([1], dtype=np.int64), SamplingParams(seed=1), 100_000)
+        await stream.__anext__()  # the stream is in the step batch now
+        try:
+            return await asyncio.gather(*(busy.predict(np.array(t, dtype=np.int64), None) for t in texts))
+        finally:
+            stream.close()
+
+    got = run(busy, beside_a_stream)
+    assert busy.stats["rider_rows"] == len(texts) and busy.stats["job_calls"] == 0
+    for (want_logits, want_state), (logits, state) in zip(expected, got):
+        assert logits.shape == want_logits.shape and state.shape == want_state.shape
+        np.testing.assert_allclose(logits, want_logits, atol=1e-5)
+        np.testing.assert_allclose(state, want_state, atol=1e-5)
