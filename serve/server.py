@@ -152,7 +152,7 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    host = settings.address_host
     address = f"{host}:{settings.port}"
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
@@ -174,8 +174,7 @@ async def serve(settings: Settings, reuse_port: bool = False,
     await server.start()
     ready(settings, server.address, server.provider)
     if server.metrics_port is not None:
-        host = f"[{settings.host}]" if ":" in settings.host else settings.host
-        line = f"charrnn metrics on http://{host}:{server.metrics_port}/metrics"
+        line = f"charrnn metrics on http://{settings.address_host}:{server.metrics_port}/metrics"
         if ready is print_ready:
             print(line, flush=True)
         else:  # a --workers child: stdout belongs to the parent's one ready line

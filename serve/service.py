@@ -102,21 +102,21 @@ class CharRNNService:
         return [Prediction(c, vocab[b], p, tuple(zip((vocab[t] for t in ts), tp)))
                 for c, b, p, ts, tp in zip(text, best.tolist(), prob.tolist(), top.tolist(), top_prob.tolist())]
 
-    async def predict(self, text: str, top_k: int, state: np.ndarray | None) -> tuple[list[Prediction], np.ndarray]:
-        """One prediction per character of text, from state (None = initial); returns the new state."""
+    def _text_ids(self, text: str) -> np.ndarray:
+        """Predict's and Step's text, checked (not empty, within limits, in the vocabulary) and encoded."""
         if not text:
             raise InvalidArgument("text is empty: send one or more characters")
-        ids = self.encode(text, "text")
-        logits, state_out = await self.engine.predict(ids, state)
+        return self.encode(text, "text")
+
+    async def predict(self, text: str, top_k: int, state: np.ndarray | None) -> tuple[list[Prediction], np.ndarray]:
+        """One prediction per character of text, from state (None = initial); returns the new state."""
+        logits, state_out = await self.engine.predict(self._text_ids(text), state)
         return self._predictions(text, logits, top_k), state_out
 
     async def step(self, state: bytes, text: str, top_k: int) -> StepResult:
         """Predict with the state carried by the client as bytes."""
-        if not text:
-            raise InvalidArgument("text is empty: send one or more characters")
-        ids = self.encode(text, "text")
-        start = self.codec.decode(state)
-        logits, state_out = await self.engine.predict(ids, start)
+        ids = self._text_ids(text)  # a request wrong in both gets the text's error, as before
+        logits, state_out = await self.engine.predict(ids, self.codec.decode(state))
         last = self._predictions(text[-1], logits[-1:], top_k)[0]
         return StepResult(self.codec.encode(state_out), last)
 

@@ -63,6 +63,11 @@ class Settings:
         "help": "require metadata 'authorization: Bearer <token>' on every CharRNN call (health stays open); "
                 "set it through the environment: a flag shows in the process list"})
 
+    @property
+    def address_host(self) -> str:
+        """The host as it goes into an address: an IPv6 literal needs brackets before ':port'."""
+        return f"[{self.host}]" if ":" in self.host else self.host
+
 
 # Inclusive bounds; anything not named here must be >= 0. Ports stop at 65535: a larger number is not a
 # port, and --port 70000 used to bind without a word.

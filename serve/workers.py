@@ -83,8 +83,7 @@ def run_workers(settings: Settings) -> int:
             for child in children:
                 child.join()
             return max(2, *(c.exitcode or 0 for c in children))
-        host = f"[{settings.host}]" if ":" in settings.host else settings.host
-        print(f"charrnn serving {settings.model} on {host}:{port} ({provider}, {settings.workers} worker "
+        print(f"charrnn serving {settings.model} on {settings.address_host}:{port} ({provider}, {settings.workers} worker "
               f"processes)", flush=True)
         while any(c.is_alive() for c in children):
             for child in children:
