@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -21,55 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-READY = re.compile(r" on (\S+:\d+)")
-VOCAB_65 = list("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")  # tinyshakespeare's
-
-
-def build_model(folder: Path, cell: str, layers: int, hidden: int) -> tuple[Path, Path]:
-    import torch
-
-    from export.to_onnx import to_onnx
-    from train import checkpoint
-    from train.model import CharRNN, ModelConfig
-
-    torch.manual_seed(0)
-    model = CharRNN(ModelConfig(vocab_size=len(VOCAB_65), cell=cell, num_layers=layers, hidden_size=hidden)).eval()
-    checkpoint.save(folder / checkpoint.FILENAME, {
-        "model_state": model.state_dict(), "model_config": model.config.to_dict(), "vocab": VOCAB_65,
-        "summary": {"corpus": "bench (random weights)", "steps": 0}})
-    path = folder / "model.onnx"
-    path.write_bytes(to_onnx(model, VOCAB_65, {"corpus": "bench (random weights)"}).SerializeToString())
-    return path, folder
-
-
-class Proc:
-    """A server subprocess that prints a ready line naming its address."""
-
-    def __init__(self, name: str, argv: list[str]) -> None:
-        self.name = name
-        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        deadline = time.monotonic() + 60
-        line = ""
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line and self.proc.poll() is not None:
-                break
-            match = READY.search(line)
-            if match:
-                self.target = match.group(1)
-                return
-        self.stop()
-        raise RuntimeError(f"{name}: no ready line (last output {line!r})")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+from harness import ROOT, ServerProcess, build_model  # harness puts the repository root on sys.path
 
 
 def load(target: str, streams: int, chars: int, connections: int = 1) -> dict:
@@ -148,7 +99,7 @@ def main() -> int:
         results: dict[tuple[str, int], dict] = {}
         print(f"cpus {os.cpu_count()}; model {args.model}; {args.streams} and 1 streams x {args.chars} chars")
         for name, (argv, conns) in servers.items():
-            server = Proc(name, argv)
+            server = ServerProcess(name, argv)
             try:
                 load(server.target, 4, 20, conns)  # warm-up: connections, onnxruntime arenas, code paths
                 for streams, chars in loads:

@@ -16,8 +16,6 @@ import asyncio
 import collections
 import json
 import random
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,13 +23,9 @@ from pathlib import Path
 
 import grpc
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from harness import ServerProcess, build_model  # harness puts the repository root on sys.path
 from serve.pb.charrnn.v1 import charrnn_pb2 as pb  # noqa: E402
 from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc  # noqa: E402
-
-READY = re.compile(r" on (127\.0\.0\.1:\d+) ")
-
 
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -86,15 +80,6 @@ async def drive(target: str, callers: int, seconds: float, seed: int) -> dict:
     return stats
 
 
-def build_model(folder: Path) -> Path:
-    """The model bench/serve.py measures (loaded by path: `serve` is also the package's name)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "bench" / "serve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_model(folder, "gru", 2, 256)[0]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="an exported model.onnx (default: build GRU 2x256, vocab 65)")
@@ -105,17 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or build_model(Path(tmp))
-        server = subprocess.Popen(
-            [sys.executable, "-m", "serve", "--model", str(model), "--port", "0", "--log-level", "WARNING",
-             "--max-streams", str(max(1024, 2 * args.callers)), "--max-chars", "1000"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        model = args.model or build_model(Path(tmp))[0]
         try:
-            match = READY.search(server.stdout.readline())
-            if not match:
-                print(f"the server did not start: {server.communicate(timeout=30)[1][-2000:]}", file=sys.stderr)
-                return 1
-            target = match.group(1)
+            server = ServerProcess("soak server", [
+                sys.executable, "-m", "serve", "--model", str(model), "--port", "0", "--log-level", "WARNING",
+                "--max-streams", str(max(1024, 2 * args.callers)), "--max-chars", "1000"])
+        except RuntimeError as error:
+            print(f"the server did not start: {error}", file=sys.stderr)
+            return 1
+        try:
+            target = server.target
             rss_ready = rss_bytes(server.pid)
             asyncio.run(drive(target, args.callers, args.warmup, args.seed + 10**6))
             rss_start = rss_bytes(server.pid)
@@ -124,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             elapsed = time.perf_counter() - start
             rss_end = rss_bytes(server.pid)
         finally:
-            server.terminate()
-            server.wait(timeout=60)
+            server.stop(timeout=60)
     errors = sum(stats["errors"].values())
     growth = rss_end / rss_start - 1
     mib = 1 << 20

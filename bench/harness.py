@@ -1,0 +1,70 @@
+"""What the benchmark scripts share: the benchmark's model, and a server subprocess started on a free
+port whose ready line names its address. Imported by bench/serve.py and bench/soak.py (their folder is
+on sys.path when they run as scripts)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # first, ahead of bench/: `serve` must be the package, not bench/serve.py
+
+READY = re.compile(r" on (\S+:\d+)")  # `python -m serve`'s and bench/ceiling.py's ready lines
+VOCAB_65 = list("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")  # tinyshakespeare's
+
+
+def build_model(folder: Path, cell: str = "gru", layers: int = 2, hidden: int = 256) -> tuple[Path, Path]:
+    """A freshly initialised model of the issue's size, exported: (model.onnx, its run folder).
+    Speed does not depend on the weights."""
+    import torch
+
+    from export.to_onnx import to_onnx
+    from train import checkpoint
+    from train.model import CharRNN, ModelConfig
+
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=len(VOCAB_65), cell=cell, num_layers=layers, hidden_size=hidden)).eval()
+    checkpoint.save(folder / checkpoint.FILENAME, {
+        "model_state": model.state_dict(), "model_config": model.config.to_dict(), "vocab": VOCAB_65,
+        "summary": {"corpus": "bench (random weights)", "steps": 0}})
+    path = folder / "model.onnx"
+    path.write_bytes(to_onnx(model, VOCAB_65, {"corpus": "bench (random weights)"}).SerializeToString())
+    return path, folder
+
+
+class ServerProcess:
+    """A server subprocess, ready when constructed (`target` is its address); stderr goes to a temporary
+    file, never a pipe nobody reads, and its tail is in the error when the server does not start."""
+
+    def __init__(self, name: str, argv: list[str], timeout: float = 60.0) -> None:
+        self.name = name
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + timeout
+        line = ""
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line and self.proc.poll() is not None:
+                break
+            match = READY.search(line)
+            if match:
+                self.target = match.group(1)
+                return
+        self.stop()
+        self._stderr.seek(0)
+        raise RuntimeError(f"{name}: no ready line (last output {line!r}); stderr: {self._stderr.read()[-2000:]}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._stderr.close()
