@@ -56,9 +56,10 @@ class ServerProcess:
             if match:
                 self.target = match.group(1)
                 return
-        self.stop()
         self._stderr.seek(0)
-        raise RuntimeError(f"{name}: no ready line (last output {line!r}); stderr: {self._stderr.read()[-2000:]}")
+        stderr = self._stderr.read()[-2000:]
+        self.stop()
+        raise RuntimeError(f"{name}: no ready line (last output {line!r}); stderr: {stderr}")
 
     def stop(self, timeout: float = 10.0) -> None:
         self.proc.terminate()

@@ -61,9 +61,13 @@ class SamplingParams:
 
 
 class Stream:
-    """One Generate request inside the engine; iterate it (on the loop) for (token, logprob, finish).
+    """One Generate request inside the engine. On the loop: `pop()` the next (token, logprob, finish),
+    `await wait()` when there is none yet, or simply iterate it.
 
-    `consumed` and `cancelled` are written by the loop thread, everything else by the engine thread.
+    The engine appends straight to `_items` (a deque: append and popleft are atomic) and wakes the
+    loop only for streams whose consumer is waiting, so a consumer that keeps up with a faster engine
+    costs no cross-thread call at all. `consumed`, `cancelled` and `_waiter` are written by the loop
+    thread, everything else by the engine thread.
     """
 
     def __init__(self, prompt: np.ndarray, params: SamplingParams, max_chars: int, stops: Sequence[str],
@@ -77,7 +81,8 @@ class Stream:
         self._stop_len = max((len(s) for s in self.stops), default=0)
         self._vocab = vocab
         self.tail = ""
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._items: collections.deque[tuple[int, float, Finish]] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
         self.produced = 0
         self.consumed = 0
         self.cancelled = False
@@ -106,20 +111,46 @@ class Stream:
         """Loop side: the consumer is gone; the engine drops the stream at its next step."""
         self.cancelled = True
 
+    def pop(self) -> tuple[int, float, Finish] | None:
+        """Loop side: the next character, None if the engine has not produced it yet. Raises the
+        stream's failure, which overtakes the characters still queued."""
+        if self.failure is not None:
+            self._ended = True
+            raise self.failure
+        try:
+            item = self._items.popleft()
+        except IndexError:
+            return None
+        self.consumed += 1
+        return item
+
+    async def wait(self) -> None:
+        """Loop side: returns once `pop()` has something (a character or the failure) to hand out."""
+        assert self._waiter is None, "one consumer per stream"
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter  # publish first, then look again: the engine appends, then checks the waiter
+        try:
+            if not self._items and self.failure is None:
+                await waiter
+        finally:
+            self._waiter = None
+
+    def wake(self) -> None:
+        """Loop side: ends a pending `wait()`."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def __aiter__(self) -> Stream:
         return self
 
     async def __anext__(self) -> tuple[int, float, Finish]:
         if self._ended:
             raise StopAsyncIteration
-        if self.failure is not None:  # a failure overtakes the characters still queued
-            self._ended = True
-            raise self.failure
-        item = await self.queue.get()
-        if isinstance(item, BaseException):
-            self._ended = True
-            raise item
-        self.consumed += 1
+        item = self.pop()
+        while item is None:
+            await self.wait()
+            item = self.pop()
         self._ended = item[2] is not Finish.NONE
         return item
 
@@ -170,15 +201,15 @@ def _group(items: list[Any], length: Any, size: int) -> list[list[Any]]:
     return chunks
 
 
-def _deliver(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
-    for q, item in items:
-        q.put_nowait(item)
+def _wake(streams: list[Stream]) -> None:
+    for stream in streams:
+        stream.wake()
 
 
 def _fail(items: list[tuple[Stream, BaseException]]) -> None:
     for stream, error in items:
         stream.failure = error
-        stream.queue.put_nowait(error)  # wakes a consumer waiting on the queue
+        stream.wake()
 
 
 def _resolve(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
@@ -395,13 +426,16 @@ class Engine:
     def _sample_and_deliver(self, rows: list[Stream], logits: np.ndarray, params: sampling.RowParams,
                             uniforms: np.ndarray) -> bool:
         tokens, logprobs = sampling.sample(logits, params, uniforms)
-        out = []
+        waiting = []
         ended = False
         for s, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
             finish = s.emitted(token)
             ended = ended or bool(finish)
-            out.append((s.queue, (token, logprob, finish)))
-        self._post(_deliver, out)
+            s._items.append((token, logprob, finish))
+            if s._waiter is not None:  # after the append: see Stream.wait
+                waiting.append(s)
+        if waiting:
+            self._post(_wake, waiting)
         return ended
 
     def _step(self, riders: list[_Job] | None = None) -> bool:

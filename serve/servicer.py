@@ -38,11 +38,17 @@ class CharRNNServicer(pb_grpc.CharRNNServicer):
             request.temperature if request.HasField("temperature") else None, request.top_k,
             request.top_p if request.HasField("top_p") else None,
             request.seed if request.HasField("seed") else None, request.stop)
-        text, finish_reason, index = self._text, _FINISH, 0
+        text, finish_reason, response, index = self._text, _FINISH, pb.GenerateResponse, 0
         try:
-            async for token, logprob, finish in stream:
-                yield pb.GenerateResponse(text=text[token], index=index, logprob=logprob,
-                                          finish_reason=finish_reason[finish])
+            while True:
+                item = stream.pop()  # per character: no coroutine unless the engine is behind
+                if item is None:
+                    await stream.wait()
+                    continue
+                token, logprob, finish = item
+                yield response(text=text[token], index=index, logprob=logprob, finish_reason=finish_reason[finish])
+                if finish:
+                    return
                 index += 1
         finally:
             stream.close()
