@@ -2,6 +2,9 @@
 messages with no model behind it. Whatever it achieves, a real server cannot beat.
 
     python bench/ceiling.py --port 0        # prints "ceiling serving on 127.0.0.1:PORT"
+
+It runs on the same event loop as the server (--event-loop, default auto), so that the ratio compares
+the servers and not the loops.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from serve.loops import CHOICES, loop_factory  # noqa: E402
 from serve.pb.charrnn.v1 import charrnn_pb2 as pb  # noqa: E402
 from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -26,11 +30,7 @@ class Ceiling(pb_grpc.CharRNNServicer):
                                       finish_reason=pb.FINISH_REASON_LENGTH if i == last else 0)
 
 
-async def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0)
-    args = p.parse_args()
+async def serve(args: argparse.Namespace) -> None:
     server = grpc.aio.server()
     pb_grpc.add_CharRNNServicer_to_server(Ceiling(), server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
@@ -39,5 +39,16 @@ async def main() -> None:
     await server.wait_for_termination()
 
 
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--event-loop", default="auto", choices=CHOICES)
+    args = p.parse_args()
+    factory, _ = loop_factory(args.event_loop)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serve(args))
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from serve.admission import Gate
 from serve.batcher import Engine
 from serve.errors import ConfigError, DeviceError, ModelError
+from serve.loops import loop_factory
 from serve.metrics import Metrics
 from serve.pb.charrnn.v1 import charrnn_pb2 as pb
 from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
@@ -199,7 +200,10 @@ def run(settings: Settings, reuse_port: bool = False,
         ready: Callable[[Settings, str, str], None] = print_ready) -> int:
     """Serves until stopped; the process exit status: 0, or 2 when the model or device cannot be used."""
     try:
-        asyncio.run(serve(settings, reuse_port, ready))
+        factory, name = loop_factory(settings.event_loop)
+        log.debug("event loop: %s", name)
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(serve(settings, reuse_port, ready))
     except (ModelError, ConfigError) as error:  # its message starts with the file's path or the flag
         print(f"charrnn serve: {error}", file=sys.stderr, flush=True)
         return 2

@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from serve.loops import CHOICES as LOOPS
+
 PREFIX = "CHARRNN_"
 
 
@@ -36,6 +38,9 @@ class Settings:
                 "not calls, across them, so it helps clients that open several connections"})
     threads: int = field(default=1, metadata={
         "help": "onnxruntime intra-op threads; 1 leaves a core for gRPC on a 2-core machine"})
+    event_loop: str = field(default="auto", metadata={
+        "help": "asyncio event loop: auto (uvloop where installed, else asyncio's own), uvloop, or asyncio",
+        "choices": LOOPS})
     log_level: str = field(default="INFO", metadata={
         "help": "logging level, any case (one line per RPC at INFO)", "choices": ("DEBUG", "INFO", "WARNING", "ERROR"),
         "type": str.upper})

@@ -113,3 +113,11 @@ def test_serve_never_imports_torch():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
     for path in Path(ROOT, "serve").rglob("*.py"):
         assert not re.search(r"^\s*(import|from)\s+(torch|train|export)\b", path.read_text(), re.M), path
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_serves_on_either_event_loop(hihell_model, loop):
+    """uvloop is the default where installed; asyncio's own loop stays a working choice."""
+    with server_process("--model", str(hihell_model), "--event-loop", loop) as (target, _):
+        out = client("predict", "--target", target, "hihell", "--per-char").stdout
+        assert [line.split(" -> ")[1][1] for line in out.splitlines()] == list("ihello")
