@@ -45,6 +45,18 @@ class RowParams:
         self.top_k = np.asarray(top_k, dtype=np.int64)
         self.top_p = np.asarray(top_p, dtype=np.float64)
         self.rows = np.arange(len(t))
+        # Which filters any row uses, decided once per batch rather than on every character.
+        self.use_p = self.top_p < 1.0
+        self.any_p = bool(self.use_p.any())
+        self._k_for: dict[int, tuple[np.ndarray, np.ndarray, bool]] = {}
+
+    def top_k_rows(self, vocab: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(rows that filter by top_k, their k-1 index (0 elsewhere), any) for this vocabulary size."""
+        cached = self._k_for.get(vocab)
+        if cached is None:
+            use = (self.top_k > 0) & (self.top_k < vocab)
+            cached = self._k_for[vocab] = (use, np.where(use, self.top_k - 1, 0), bool(use.any()))
+        return cached
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -57,30 +69,29 @@ def sample(logits: np.ndarray, params: RowParams, uniforms: np.ndarray) -> tuple
     """
     vocab = logits.shape[1]
     x = logits.astype(np.float64)
-    shifted = x - x.max(axis=1, keepdims=True)
+    shifted = np.subtract(x, x.max(axis=1, keepdims=True), out=x)
     e = np.exp(shifted)
-    total = e.sum(axis=1, keepdims=True)
-    logp = shifted - np.log(total)
+    total = e.sum(axis=1)
     p = np.exp(shifted * params.inv_temperature) if params.tempered else e
-    use_k = (params.top_k > 0) & (params.top_k < vocab)
-    if use_k.any():
-        kth = -np.sort(-p, axis=1)[params.rows, np.where(use_k, params.top_k - 1, 0)]
+    use_k, kth_index, any_k = params.top_k_rows(vocab)
+    if any_k:
+        kth = -np.sort(-p, axis=1)[params.rows, kth_index]
         p = np.where(use_k[:, None] & (p < kth[:, None]), 0.0, p)
-    use_p = params.top_p < 1.0
-    if use_p.any():
+    if params.any_p:
         order = np.argsort(-p, axis=1, kind="stable")
         ranked = np.take_along_axis(p, order, axis=1)
         before = (np.cumsum(ranked, axis=1) - ranked) / ranked.sum(axis=1, keepdims=True)
         drop = np.empty_like(before, dtype=bool)
         np.put_along_axis(drop, order, before >= params.top_p[:, None], axis=1)
-        p = np.where(use_p[:, None] & drop, 0.0, p)
+        p = np.where(params.use_p[:, None] & drop, 0.0, p)
     cdf = np.cumsum(p, axis=1)
     mass = cdf[:, -1]
     target = np.minimum(uniforms * mass, np.nextafter(mass, 0.0))  # strictly below the total mass
     tokens = (cdf <= target[:, None]).sum(axis=1)  # first token whose cdf exceeds target: p > 0
     if params.any_greedy:
-        tokens = np.where(params.greedy, x.argmax(axis=1), tokens)
-    return tokens, logp[params.rows, tokens]
+        tokens = np.where(params.greedy, logits.argmax(axis=1), tokens)
+    # log-probabilities of the chosen tokens only: the other V-1 are never looked at
+    return tokens, shifted[params.rows, tokens] - np.log(total)
 
 
 def most_likely(logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
