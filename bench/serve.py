@@ -4,8 +4,17 @@ transport ceiling, measured side by side in one run on one machine, plus onnxrun
     .venv/bin/python bench/serve.py                        # GRU 2x256, vocab 65 (random weights), 64 and 1 streams
     .venv/bin/python bench/serve.py --model runs/demo/model.onnx --checkpoint runs/demo --streams 64 --chars 300
 
-Each load runs from a separate process (bench/load.py). Speed does not depend on the weights, so by
-default a freshly initialised model of the issue's size is exported to a temporary folder.
+All servers start first and stay up; then every round runs each load against each server in turn, so
+that what a shared machine does to its speed minute by minute lands on all of them alike. Each ratio is
+taken within a round and the median over rounds is printed with its range. Each load runs from a
+separate process (bench/load.py). Besides chars/s and latency, each row gives the CPU time per character
+of the server process (its workers included) and of the client process, which is where the time goes.
+
+"model skipped" (bench/model_skipped.py) is the real server with its model call replaced by a
+constant: next to the ceiling and the real server it shows how much of the gap is the model's compute.
+
+Speed does not depend on the weights, so by default a freshly initialised model of the issue's size is
+exported to a temporary folder.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ from pathlib import Path
 
 from harness import ROOT, ServerProcess, build_model  # harness puts the repository root on sys.path
 
+TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
 
 def load(target: str, streams: int, chars: int, connections: int = 1) -> dict:
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "load.py"), "--target", target, "--streams",
@@ -30,6 +41,37 @@ def load(target: str, streams: int, chars: int, connections: int = 1) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"load against {target} failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU seconds (user + system) of a process and its children, from /proc; None where there is none."""
+    def own(p: str) -> tuple[int, float]:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK  # ppid, utime + stime
+
+    try:
+        total = own(str(pid))[1]
+    except OSError:
+        return None
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and entry != str(pid):
+            try:
+                ppid, seconds = own(entry)
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            if ppid == pid:
+                total += seconds
+    return total
+
+
+def measure(server: ServerProcess, streams: int, chars: int, connections: int) -> dict:
+    before = cpu_seconds(server.pid)
+    result = load(server.target, streams, chars, connections)
+    after = cpu_seconds(server.pid)
+    received = max(result["chars"], 1)
+    result["server_us"] = None if before is None or after is None else (after - before) / received * 1e6
+    result["client_us"] = result["client_cpu_s"] / received * 1e6
+    return result
 
 
 def step_latency(model_path: Path, run_dir: Path, batches: tuple[int, ...], repeats: int) -> dict:
@@ -66,6 +108,10 @@ def step_latency(model_path: Path, run_dir: Path, batches: tuple[int, ...], repe
     return result
 
 
+def _us(value: float | None) -> str:
+    return "    n/a" if value is None else f"{value:7.1f}"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="an exported model.onnx (default: build GRU 2x256 vocab 65)")
@@ -74,58 +120,98 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--streams", type=int, default=64)
-    p.add_argument("--chars", type=int, default=300)
+    p.add_argument("--chars", type=int, default=300, help="characters per stream in the many-stream load")
+    p.add_argument("--one-stream-chars", type=int, default=1000,
+                   help="characters of the one-stream load (300 would take 30 ms: mostly noise)")
+    p.add_argument("--rounds", type=int, default=3, help="times every load runs against every server")
     p.add_argument("--workers", type=int, default=2,
                    help="also measure N server processes on one port (--workers); 1 = skip")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads in the server")
+    p.add_argument("--event-loop", default="auto", help="the servers' and the ceiling's --event-loop")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
             args.model, args.checkpoint = build_model(Path(tmp), args.cell, args.layers, args.hidden)
-        serve = [sys.executable, "-m", "serve", "--model", str(args.model), "--threads", str(args.threads),
-                 "--log-level", "WARNING"]
+        flags = ["--model", str(args.model), "--threads", str(args.threads), "--log-level", "WARNING",
+                 "--event-loop", args.event_loop]
+        serve = [sys.executable, "-m", "serve", *flags]
         # name -> (argv, TCP connections the load uses)
-        servers = {
-            "ceiling": ([sys.executable, str(ROOT / "bench" / "ceiling.py")], 1),
+        configs = {
+            "ceiling": ([sys.executable, str(ROOT / "bench" / "ceiling.py"), "--event-loop", args.event_loop], 1),
             "batched": (serve, 1),
             "unbatched": (serve + ["--max-batch", "1"], 1),
+            "model skipped": ([sys.executable, str(ROOT / "bench" / "model_skipped.py"), *flags], 1),
         }
         if args.workers > 1:  # SO_REUSEPORT spreads connections, so both sides of this pair use several
             conns = 2 * args.workers
-            servers[f"batched, {conns} conns"] = (serve, conns)
-            servers[f"x{args.workers} procs, {conns} conns"] = (serve + ["--workers", str(args.workers)], conns)
-        loads = [(args.streams, args.chars), (1, args.chars)]
-        results: dict[tuple[str, int], dict] = {}
-        print(f"cpus {os.cpu_count()}; model {args.model}; {args.streams} and 1 streams x {args.chars} chars")
-        for name, (argv, conns) in servers.items():
-            server = ServerProcess(name, argv)
-            try:
-                load(server.target, 4, 20, conns)  # warm-up: connections, onnxruntime arenas, code paths
-                for streams, chars in loads:
-                    results[(name, streams)] = r = load(server.target, streams, chars, conns)
-                    print(f"{name:>20} {streams:>3} streams: {r['chars_per_s']:>9.0f} chars/s  "
-                          f"ttfc p50 {r['ttfc_p50_ms']:>7.2f} ms  gap p50 {r['gap_p50_ms']:>6.3f} ms "
-                          f"p99 {r['gap_p99_ms']:>7.3f} ms  errors {r['error_count']}", flush=True)
-            finally:
+            configs[f"batched, {conns} conns"] = (serve, conns)
+            configs[f"x{args.workers} procs, {conns} conns"] = (serve + ["--workers", str(args.workers)], conns)
+        loads = [(args.streams, args.chars), (1, args.one_stream_chars)]
+        print(f"cpus {os.cpu_count()}; model {args.model}; {args.streams} streams x {args.chars} chars and "
+              f"1 stream x {args.one_stream_chars} chars; {args.rounds} rounds", flush=True)
+
+        servers: dict[str, ServerProcess] = {}
+        results: dict[tuple[str, int], list[dict]] = {(name, n): [] for name in configs for n, _ in loads}
+        try:
+            for name, (argv, conns) in configs.items():
+                servers[name] = ServerProcess(name, argv)
+                load(servers[name].target, 4, 20, conns)  # warm-up: connections, onnxruntime arenas, code paths
+            for _ in range(args.rounds):
+                for name, (_, conns) in configs.items():
+                    for streams, chars in loads:
+                        results[(name, streams)].append(measure(servers[name], streams, chars, conns))
+        finally:
+            for server in servers.values():
                 server.stop()
 
-        def ratio(a: tuple[str, int], b: tuple[str, int]) -> float:
-            return results[a]["chars_per_s"] / results[b]["chars_per_s"]
+        def median(name: str, streams: int, key: str) -> float | None:
+            values = [r[key] for r in results[(name, streams)] if r[key] is not None]
+            return statistics.median(values) if values else None
+
+        print(f"\n{'':>20} {'':>10} {'chars/s':>9} {'ttfc p50':>9} {'gap p50':>8} {'gap p99':>8}  "
+              f"{'CPU us/char: server':>19} {'client':>7}  errors   (medians over rounds)")
+        for name in configs:
+            for streams, _ in loads:
+                errors = sum(r["error_count"] for r in results[(name, streams)])
+                print(f"{name:>20} {streams:>3} stream{'s' if streams > 1 else ' '} "
+                      f"{median(name, streams, 'chars_per_s'):>9.0f} {median(name, streams, 'ttfc_p50_ms'):>7.2f}ms "
+                      f"{median(name, streams, 'gap_p50_ms'):>6.3f}ms {median(name, streams, 'gap_p99_ms'):>6.3f}ms  "
+                      f"{_us(median(name, streams, 'server_us')):>19} {_us(median(name, streams, 'client_us')):>7}  "
+                      f"{errors}")
+
+        def ratio(a: str, b: str, streams: int) -> str:
+            per_round = sorted(x["chars_per_s"] / y["chars_per_s"]
+                               for x, y in zip(results[(a, streams)], results[(b, streams)]))
+            return f"{statistics.median(per_round):.2f}  (rounds {per_round[0]:.2f} to {per_round[-1]:.2f})"
 
         n = args.streams
-        print("\nratios (chars/s):")
-        print(f"  batched / ceiling,   {n} streams: {ratio(('batched', n), ('ceiling', n)):.2f}  (target >= 0.7)")
-        print(f"  batched / unbatched, {n} streams: {ratio(('batched', n), ('unbatched', n)):.2f}  (target >= 2)")
-        print(f"  batched / ceiling,    1 stream:  {ratio(('batched', 1), ('ceiling', 1)):.2f}  (target >= 0.5)")
+        print("\nratios (chars/s, within each round; median and range over rounds):")
+        print(f"  batched / ceiling,   {n} streams: {ratio('batched', 'ceiling', n)}  target >= 0.7")
+        print(f"  batched / unbatched, {n} streams: {ratio('batched', 'unbatched', n)}  target >= 2")
+        print(f"  batched / ceiling,    1 stream:  {ratio('batched', 'ceiling', 1)}  target >= 0.5")
+        print(f"  model skipped / ceiling, {n} streams: {ratio('model skipped', 'ceiling', n)}")
+        print(f"  model skipped / ceiling,  1 stream:  {ratio('model skipped', 'ceiling', 1)}")
         if args.workers > 1:
-            multi, single = list(servers)[-1], list(servers)[-2]
-            print(f"  {multi} / {single}, {n} streams: {ratio((multi, n), (single, n)):.2f}")
+            multi, single = list(configs)[-1], list(configs)[-2]
+            print(f"  {multi} / {single}, {n} streams: {ratio(multi, single, n)}")
 
         print("\nstep latency, seq 1, one thread (median):")
-        for batch, (ort_s, torch_s) in step_latency(args.model, args.checkpoint, (1, 64), 300).items():
+        latency = step_latency(args.model, args.checkpoint, (1, n), 300)
+        for batch, (ort_s, torch_s) in latency.items():
             print(f"  batch {batch:>3}: onnxruntime {ort_s * 1e6:7.1f} us ({batch / ort_s:8.0f} chars/s), "
                   f"PyTorch eager {torch_s * 1e6:7.1f} us; onnxruntime {torch_s / ort_s:.1f}x faster")
+
+        ceiling_cpu = [median("ceiling", s, "server_us") for s in (n, 1)]
+        if None not in ceiling_cpu:
+            # When the client shares the cores, a server cannot beat the ceiling by more than the CPU it adds.
+            model_us = latency[n][0] / n * 1e6
+            cost = ceiling_cpu[0] + median("ceiling", n, "client_us")
+            print(f"\nper character at {n} streams: the ceiling costs {ceiling_cpu[0]:.1f} us of server CPU and "
+                  f"{cost - ceiling_cpu[0]:.1f} us of client CPU;\n  the model step alone adds {model_us:.1f} us, so "
+                  f"with every core busy the model alone caps batched / ceiling near {cost / (cost + model_us):.2f}."
+                  f"\n  At 1 stream the model step alone takes {latency[1][0] * 1e6:.0f} us per character, the ceiling "
+                  f"sends one every {1e6 / median('ceiling', 1, 'chars_per_s'):.0f} us.")
     return 0
 
 

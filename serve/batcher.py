@@ -5,9 +5,11 @@ device state (numpy on CPU, an OrtValue on CUDA) while it is being stepped, and 
 (host) only while it waits outside a batch. Predict and Step carry their own host state.
 
 Threads: one worker thread owns the runtime and runs everything here; the asyncio loop only
-enqueues work and consumes results. Per onnxruntime call the worker appends the whole batch's results to an
-outbox and wakes the loop (`call_soon_threadsafe`) only when it is not already due to drain it, so
-the loop sends step k's characters while the worker computes step k+1. Knows nothing about gRPC.
+enqueues work and consumes results. The worker appends each character straight to its stream's deque
+and, once per onnxruntime call, hands the loop what needs it (streams whose consumer waits, Predict/Step
+results, failures) through an outbox, waking the loop (`call_soon_threadsafe`) only when it is not
+already due to drain it. So the loop sends step k's characters while the worker computes step k+1.
+Knows nothing about gRPC.
 
 Each engine iteration:
   1. Predict/Step jobs: grouped by text length, one call per group (seq = length); while streams are

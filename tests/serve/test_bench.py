@@ -1,0 +1,26 @@
+"""bench/serve.py as the README runs it, shrunk: every server starts, every load completes without
+errors, and the report has its rows and ratios. Speed is not judged here (see the README)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from support import ROOT
+
+
+def test_serving_benchmark_runs_end_to_end():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--hidden", "32", "--streams", "4",
+                           "--chars", "20", "--one-stream-chars", "20", "--rounds", "2", "--workers", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    out = proc.stdout
+    for name in ("ceiling", "batched", "unbatched", "model skipped", "batched, 4 conns", "x2 procs, 4 conns"):
+        for load in ("4 streams", "1 stream "):
+            row = re.search(rf"^\s*{re.escape(name)}\s+{load}\s+(\d+)\s.*\s(\d+)$", out, re.M)
+            assert row, f"no {name!r} {load!r} row in:\n{out}"
+            assert int(row.group(1)) > 0 and row.group(2) == "0"  # chars/s, errors
+    assert "batched / ceiling,   4 streams:" in out and "(rounds " in out
+    assert re.search(r"x2 procs, 4 conns / batched, 4 conns, 4 streams: \d", out)
+    assert "batch   4: onnxruntime" in out
