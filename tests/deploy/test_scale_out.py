@@ -183,11 +183,24 @@ def upstreams_used(folder: Path, expected: int) -> list[str]:
         time.sleep(0.05)
 
 
+def log_tails(folder: Path, lines: int = 15) -> str:
+    """The end of every replica's and nginx's logs: what a failure here needs to be understood."""
+    out = []
+    for log in [*sorted(folder.parent.glob("serve*.log")), folder / "error.log", folder / "access.log"]:
+        text = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else ["(missing)"]
+        out.append(f"--- {log.name}\n" + "\n".join(text))
+    return "\n".join(out)
+
+
 def test_step_chains_survive_losing_a_replica(cluster):
     target, procs, ports, folder = cluster
     client = ChainClient(target)
     try:
-        reference = client.run()
+        try:
+            reference = client.run()
+        except grpc.RpcError as error:  # not UNAVAILABLE (those are retried): say where it stuck
+            pytest.fail(f"Step chain failed with both replicas up: {error.code()} {error.details()}\n"
+                        f"{log_tails(folder)}")
         assert client.retries == 0
         used = upstreams_used(folder, len(CHAINS) * STEPS)
         assert len(used) == len(CHAINS) * STEPS
