@@ -10,8 +10,10 @@ taken within a round and the median over rounds is printed with its range. Each 
 separate process (bench/load.py). Besides chars/s and latency, each row gives the CPU time per character
 of the server process (its workers included) and of the client process, which is where the time goes.
 
-"model skipped" (bench/model_skipped.py) is the real server with its model call replaced by a
-constant: next to the ceiling and the real server it shows how much of the gap is the model's compute.
+"thread engine" is the server with --engine thread (onnxruntime and sampling in a thread of the server
+process, sharing its GIL) for comparison with the default engine process. "model skipped"
+(bench/model_skipped.py) is the real server with its model call replaced by a constant: next to the
+ceiling and the real server it shows how much of the gap is the model's compute.
 
 Speed does not depend on the weights, so by default a freshly initialised model of the issue's size is
 exported to a temporary folder.
@@ -141,6 +143,7 @@ def main() -> int:
             "ceiling": ([sys.executable, str(ROOT / "bench" / "ceiling.py"), "--event-loop", args.event_loop], 1),
             "batched": (serve, 1),
             "unbatched": (serve + ["--max-batch", "1"], 1),
+            "thread engine": (serve + ["--engine", "thread"], 1),
             "model skipped": ([sys.executable, str(ROOT / "bench" / "model_skipped.py"), *flags], 1),
         }
         if args.workers > 1:  # SO_REUSEPORT spreads connections, so both sides of this pair use several
@@ -190,6 +193,8 @@ def main() -> int:
         print(f"  batched / ceiling,   {n} streams: {ratio('batched', 'ceiling', n)}  target >= 0.7")
         print(f"  batched / unbatched, {n} streams: {ratio('batched', 'unbatched', n)}  target >= 2")
         print(f"  batched / ceiling,    1 stream:  {ratio('batched', 'ceiling', 1)}  target >= 0.5")
+        print(f"  thread engine / ceiling, {n} streams: {ratio('thread engine', 'ceiling', n)}")
+        print(f"  thread engine / ceiling,  1 stream:  {ratio('thread engine', 'ceiling', 1)}")
         print(f"  model skipped / ceiling, {n} streams: {ratio('model skipped', 'ceiling', n)}")
         print(f"  model skipped / ceiling,  1 stream:  {ratio('model skipped', 'ceiling', 1)}")
         if args.workers > 1:

@@ -9,7 +9,8 @@ enqueues work and consumes results. The worker appends each character straight t
 and, once per onnxruntime call, hands the loop what needs it (streams whose consumer waits, Predict/Step
 results, failures) through an outbox, waking the loop (`call_soon_threadsafe`) only when it is not
 already due to drain it. So the loop sends step k's characters while the worker computes step k+1.
-Knows nothing about gRPC.
+Knows nothing about gRPC. With `--engine process` (the default) this same Engine runs in a process of
+its own (serve/engine_process.py), its deliveries turned into records on a pipe.
 
 Each engine iteration:
   1. Predict/Step jobs: grouped by text length, one call per group (seq = length); while streams are
@@ -66,10 +67,10 @@ class Stream:
     """One Generate request inside the engine. On the loop: `pop()` the next (token, logprob, finish),
     `await wait()` when there is none yet, or simply iterate it.
 
-    The engine appends straight to `_items` (a deque: append and popleft are atomic) and wakes the
-    loop only for streams whose consumer is waiting, so a consumer that keeps up with a faster engine
-    costs no cross-thread call at all. `consumed`, `cancelled` and `_waiter` are written by the loop
-    thread, everything else by the engine thread.
+    The engine `push`es straight into a deque (append and popleft are atomic) and wakes the loop only
+    for streams whose consumer is waiting, so a consumer that keeps up with a faster engine costs no
+    cross-thread call at all. Loop side: `consumed`, `cancelled`, `failure`, the waiter and the popping
+    end of the deque; engine side: everything else.
     """
 
     def __init__(self, prompt: np.ndarray, params: SamplingParams, max_chars: int, stops: Sequence[str],
@@ -128,14 +129,24 @@ class Stream:
 
     async def wait(self) -> None:
         """Loop side: returns once `pop()` has something (a character or the failure) to hand out."""
-        assert self._waiter is None, "one consumer per stream"
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiter = waiter  # publish first, then look again: the engine appends, then checks the waiter
-        try:
-            if not self._items and self.failure is None:
-                await waiter
-        finally:
-            self._waiter = None
+        if self._waiter is not None:
+            raise RuntimeError("a Stream has one consumer")
+        loop = asyncio.get_running_loop()
+        # A wake can arrive for an earlier wait whose characters were already taken: look again each time.
+        while not self._items and self.failure is None:
+            waiter = loop.create_future()
+            self._waiter = waiter  # publish first, then look again: `push` appends, then checks the waiter
+            try:
+                if not self._items and self.failure is None:
+                    await waiter
+            finally:
+                self._waiter = None
+
+    def push(self, item: tuple[int, float, Finish]) -> bool:
+        """Engine side (or whoever delivers): queues one character; True if the consumer waits for it
+        and must be woken on the loop (`wake`)."""
+        self._items.append(item)
+        return self._waiter is not None  # after the append: see `wait`
 
     def wake(self) -> None:
         """Loop side: ends a pending `wait()`."""
@@ -433,8 +444,7 @@ class Engine:
         for s, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
             finish = s.emitted(token)
             ended = ended or bool(finish)
-            s._items.append((token, logprob, finish))
-            if s._waiter is not None:  # after the append: see Stream.wait
+            if s.push((token, logprob, finish)):
                 waiting.append(s)
         if waiting:
             self._post(_wake, waiting)
@@ -534,7 +544,8 @@ class Engine:
 
     def _fail_all(self, jobs: list[_Job], error: ServeError) -> None:
         self._post(_resolve, [(j.future, None, error) for j in jobs])
-        self._post(_fail, [(s, error) for s in self._active])
+        # a stream that got its last character in this step has ended well: its consumer must see that
+        self._post(_fail, [(s, error) for s in self._active if not s.done])
         for s in self._active:
             s.done = True
         self._active, self._rows, self._batches = [], [], []

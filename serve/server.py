@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from serve.admission import Gate
 from serve.batcher import Engine
+from serve.engine_process import ProcessEngine
 from serve.errors import ConfigError, DeviceError, ModelError
 from serve.loops import loop_factory
 from serve.metrics import Metrics
@@ -141,10 +142,20 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
     bad TLS file.
     """
     credentials = _credentials(settings)
-    runtime = Runtime(settings.model, settings.device, settings.threads)
     metrics = Metrics()
-    engine = Engine(runtime, settings.max_batch, settings.max_delay_us, metrics=metrics)
-    service = CharRNNService(engine, runtime.provider, settings.max_chars, settings.state_key.encode(),
+    engine: Engine | ProcessEngine
+    if settings.engine == "process":
+        # This process keeps a CPU copy of the model for its spec (vocabulary, state shape, checks); the
+        # engine process loads its own on the chosen device and says which provider it got.
+        runtime = Runtime(settings.model, "cpu", 1)
+        engine = ProcessEngine(runtime, settings.model, settings.device, settings.threads, settings.max_batch,
+                               settings.max_delay_us, metrics=metrics)
+        provider = engine.provider
+    else:
+        runtime = Runtime(settings.model, settings.device, settings.threads)
+        engine = Engine(runtime, settings.max_batch, settings.max_delay_us, metrics=metrics)
+        provider = runtime.provider
+    service = CharRNNService(engine, provider, settings.max_chars, settings.state_key.encode(),
                              settings.max_prompt_chars)
     gate = Gate(settings.max_streams, settings.auth_token, metrics)
     server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port)),
@@ -159,7 +170,7 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
     if port == 0:
         raise OSError(f"cannot bind {host}:{settings.port}")
     metrics_port = metrics.serve(settings.host, settings.metrics_port) if settings.metrics_port >= 0 else None
-    return Server(server, engine, health_servicer, gate, metrics, f"{host}:{port}", runtime.provider,
+    return Server(server, engine, health_servicer, gate, metrics, f"{host}:{port}", provider,
                   metrics_port), port
 
 

@@ -38,6 +38,9 @@ class Settings:
                 "not calls, across them, so it helps clients that open several connections"})
     threads: int = field(default=1, metadata={
         "help": "onnxruntime intra-op threads; 1 leaves a core for gRPC on a 2-core machine"})
+    engine: str = field(default="process", metadata={
+        "help": "where onnxruntime and sampling run: process (a child process, no GIL shared with gRPC) or "
+                "thread (a thread of the server process)", "choices": ("process", "thread")})
     event_loop: str = field(default="auto", metadata={
         "help": "asyncio event loop: auto (uvloop where installed, else asyncio's own), uvloop, or asyncio",
         "choices": LOOPS})

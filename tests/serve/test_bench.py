@@ -16,7 +16,8 @@ def test_serving_benchmark_runs_end_to_end():
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     out = proc.stdout
-    for name in ("ceiling", "batched", "unbatched", "model skipped", "batched, 4 conns", "x2 procs, 4 conns"):
+    for name in ("ceiling", "batched", "unbatched", "thread engine", "model skipped", "batched, 4 conns",
+                 "x2 procs, 4 conns"):
         for load in ("4 streams", "1 stream "):
             row = re.search(rf"^\s*{re.escape(name)}\s+{load}\s+(\d+)\s.*\s(\d+)$", out, re.M)
             assert row, f"no {name!r} {load!r} row in:\n{out}"

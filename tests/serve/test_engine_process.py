@@ -1,0 +1,134 @@
+"""--engine process (the default) against --engine thread, the wire records between them, and what
+happens when the engine process dies."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from live import LiveServer, serve_model
+
+from serve import wire
+from serve.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+
+
+@pytest.fixture(scope="module")
+def thread_server(text_model: Path) -> Iterator[LiveServer]:
+    yield from serve_model(text_model, max_chars=1000, engine="thread")
+
+
+def generate(server: LiveServer, **fields: object) -> list[pb.GenerateResponse]:
+    return list(server.stub.Generate(pb.GenerateRequest(**fields), timeout=30))
+
+
+def test_both_engines_give_the_same_results(text_server, thread_server):
+    """Same seeds, same text and log-probabilities; Predict and Step agree to float precision."""
+    for seed, prompt in [(1, "it was"), (2, ""), (3, "the ")]:
+        fields = dict(prompt=prompt, max_chars=200, seed=seed, temperature=0.9, top_k=20, top_p=0.95)
+        a, b = generate(text_server, **fields), generate(thread_server, **fields)
+        assert "".join(m.text for m in a) == "".join(m.text for m in b)
+        assert [m.logprob for m in a] == [m.logprob for m in b]
+        assert a[-1].finish_reason == b[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    request = [pb.PredictRequest(text="it was the season", top_k=3)]
+    p = list(text_server.stub.Predict(iter(request), timeout=30))
+    q = list(thread_server.stub.Predict(iter(request), timeout=30))
+    assert [r.next for r in p] == [r.next for r in q]
+    np.testing.assert_allclose([r.probability for r in p], [r.probability for r in q], rtol=1e-6)
+    s = text_server.stub.Step(pb.StepRequest(text="it w"), timeout=30)
+    t = thread_server.stub.Step(pb.StepRequest(text="it w"), timeout=30)
+    assert (s.next, s.state) == (t.next, t.state)
+
+
+def test_the_engine_process_reports_its_provider(text_server):
+    assert text_server.server.provider == "CPUExecutionProvider"
+    assert text_server.server.engine.proc.poll() is None
+
+
+def test_a_dead_engine_process_fails_what_was_in_flight_and_is_replaced(text_model):
+    """SIGKILL the engine process mid-stream: that stream ends UNAVAILABLE saying why, and the server
+    serves again once the new engine process is up."""
+    live = LiveServer(_settings(text_model))
+    try:
+        engine = live.server.engine
+        # 5000 characters: the engine runs at most a window (1024) ahead of a reader that took one
+        stream = live.stub.Generate(pb.GenerateRequest(prompt="it", max_chars=5000, seed=1), timeout=60)
+        next(stream)
+        os.kill(engine.proc.pid, signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as caught:
+            for _ in stream:
+                pass
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "model process exited unexpectedly" in caught.value.details()
+        deadline = time.monotonic() + 60
+        while engine.stats["restarts"] < 1:
+            assert time.monotonic() < deadline, "the engine process was not replaced"
+            time.sleep(0.05)
+        assert len(generate(live, prompt="it", max_chars=50, seed=1)) == 50
+        assert live.stub.Step(pb.StepRequest(text="it"), timeout=30).next
+    finally:
+        live.close()
+    assert engine.proc.poll() is not None, "the engine process outlived its server"
+
+
+def _settings(model: Path):
+    from serve.settings import Settings
+
+    return dataclasses.replace(Settings(model=str(model), device="cpu"), max_chars=10_000)
+
+
+def test_chars_records_round_trip_and_survive_any_split():
+    records = [
+        wire.pack_chars([3, 9], np.array([1, 64]), np.array([-0.5, -7.25]), [0, 1], [0.001], [2], 2, 0),
+        wire.frame(wire.DONE, b"x" * 70_000),  # bigger than one pipe read may return
+        wire.pack_chars([], np.empty(0), np.empty(0), [], [], [], 0, 4),
+    ]
+    data = b"".join(records)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        cuts = sorted(rng.integers(0, len(data), 5).tolist())
+        reader = wire.Reader()
+        got = []
+        for a, b in zip([0, *cuts], [*cuts, len(data)]):
+            got += reader.feed(data[a:b])
+        assert [kind for kind, _ in got] == [wire.CHARS, wire.DONE, wire.CHARS]
+        assert got[1][1] == b"x" * 70_000
+        assert wire.unpack_chars(got[0][1]) == ([3, 9], [1, 64], [-0.5, -7.25], [0, 1], [0.001], [2], 2, 0)
+        assert wire.unpack_chars(got[2][1]) == ([], [], [], [], [], [], 0, 4)
+
+
+def test_the_engine_process_waits_for_a_slow_reader_and_resumes(text_model):
+    """Progress crosses the pipe: once gRPC's flow control stops the handler, the stream stops a window
+    (1024) further on, and it goes on when the client reads again. A client that stops reading costs
+    no more than that."""
+    live = LiveServer(dataclasses.replace(_settings(text_model), max_chars=100_000))
+    try:
+        engine = live.server.engine
+        # A small, fixed HTTP/2 window (no BDP growth), so that gRPC stops the handler soon after the
+        # client stops reading.
+        channel = grpc.insecure_channel(live.target, options=[("grpc.http2.bdp_probe", 0),
+                                                               ("grpc.http2.lookahead_bytes", 16384)])
+        stub = pb_grpc.CharRNNStub(channel)
+        stream = stub.Generate(pb.GenerateRequest(prompt="it", max_chars=100_000, seed=4), timeout=120)
+        next(stream)
+        time.sleep(1.5)
+        stalled = engine.stats["step_rows"]
+        time.sleep(0.5)
+        assert engine.stats["step_rows"] == stalled < 100_000, "the engine kept stepping a stream nobody reads"
+        for _ in range(5000):
+            next(stream)
+        deadline = time.monotonic() + 30
+        while engine.stats["step_rows"] == stalled:
+            assert time.monotonic() < deadline, "the stream never resumed"
+            time.sleep(0.05)
+        stream.cancel()
+        channel.close()
+    finally:
+        live.close()
