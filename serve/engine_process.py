@@ -6,8 +6,8 @@ its turn, and even with the model call skipped one stream got only a third of th
 With the engine here the server process keeps only gRPC and delivery, and the two run side by side.
 
     server process                               engine process (python -m serve.engine_process)
-    ProcessEngine.generate/predict  -- stdin ->  reader thread -> Engine inbox
-    Stream deques, waiters, futures <- stdout -- Engine step loop (main thread): one CHARS record per step
+    ProcessEngine.generate/predict  -- stdin ->  read between steps by the Engine's step loop (one thread)
+    Stream deques, waiters, futures <- stdout -- one CHARS record per step
 
 The records are in serve/wire.py. The engine process ignores SIGINT/SIGTERM (a terminal's Ctrl-C
 reaches the whole process group; the server drains and then stops the engine) and exits when its
@@ -371,14 +371,82 @@ class _RemoteFuture:
         return False
 
 
-class _ChildEngine(Engine):
-    """The Engine with its deliveries turned into records on `out` (the engine-side half of the pipe)."""
+def _stopped(items: list[Any]) -> bool:
+    return any(item is _STOP for item in items)
 
-    def __init__(self, runtime: Runtime, out: int, streams: dict[int, Stream], **kwargs: Any) -> None:
+
+class _ChildEngine(Engine):
+    """The Engine reading the server's records from `inp` and writing its deliveries as records on `out`."""
+
+    def __init__(self, runtime: Runtime, inp: int, out: int, **kwargs: Any) -> None:
         self.tally = _Tally()
         super().__init__(runtime, metrics=self.tally, **kwargs)  # type: ignore[arg-type]
-        self._out = out
-        self._streams = streams
+        self._in, self._out = inp, out
+        self._requests = wire.Reader()
+        self._streams: dict[int, Stream] = {}
+
+    # The server's records are read here, between steps, by the one thread that steps: a reader thread
+    # would take turns with it on the GIL, and made 64 streams arriving together wait 3 times longer
+    # for their first character.
+    def _receive(self, wait: float | None, idle: bool) -> list[Any]:
+        """What arrived: waits up to `wait` seconds (None: until something comes) for the first records;
+        when idle, up to --max-delay-us more for concurrent arrivals (see Engine._receive)."""
+        got, items = self._read(wait)
+        if got and idle and self.max_delay > 0:
+            deadline = time.perf_counter() + self.max_delay
+            while len(items) < self.max_batch and not _stopped(items):
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                got, more = self._read(left)
+                items += more
+                if not got:
+                    break
+        while got and not _stopped(items):
+            got, more = self._read(0.0)
+            items += more
+        return items
+
+    def _read(self, timeout: float | None) -> tuple[bool, list[Any]]:
+        """(whether anything came, the inbox items it held); progress and cancellations are applied."""
+        ready, _, _ = select.select([self._in], [], [], timeout)
+        if not ready:
+            return False, []
+        try:
+            data = os.read(self._in, 1 << 20)
+        except OSError:
+            data = b""
+        if not data:  # the server is gone: stop
+            self._stop_reason = "the server process exited"
+            self._stopping = True
+            return True, [_STOP]
+        items: list[Any] = []
+        streams = self._streams
+        for kind, payload in self._requests.feed(data):
+            message = pickle.loads(payload)
+            if kind == wire.GENERATE:
+                sid, prompt, params, max_chars, stops = message
+                stream = Stream(prompt, params, max_chars, stops, self.vocab)
+                stream.sid = sid  # type: ignore[attr-defined]
+                streams[sid] = stream
+                items.append(stream)
+            elif kind == wire.CONSUMED:
+                sid, consumed = message
+                stream = streams.get(sid)
+                if stream is not None:
+                    stream.consumed = consumed
+            elif kind == wire.CANCEL:
+                stream = streams.pop(message, None)
+                if stream is not None:
+                    stream.cancelled = True
+            elif kind == wire.JOB:
+                jid, ids, state = message
+                items.append(_Job(ids, state, _RemoteFuture(jid)))  # type: ignore[arg-type]
+            elif kind == wire.STOP:
+                self._stop_reason = message
+                self._stopping = True
+                items.append(_STOP)
+        return True, items
 
     def write(self, record: bytes) -> None:
         view = memoryview(record)
@@ -444,46 +512,6 @@ class _ChildEngine(Engine):
         self.write(wire.frame(wire.FAILED, pickle.dumps((sids, jids, type(error).__name__, str(error)))))
 
 
-def _read_requests(engine: _ChildEngine, streams: dict[int, Stream], inp: int) -> None:
-    """Reader thread: turns the server's records into the engine's inbox items and flags."""
-    reader = wire.Reader()
-    vocab = engine.vocab
-    while True:
-        try:
-            data = os.read(inp, 1 << 20)
-        except OSError:
-            data = b""
-        if not data:  # the server is gone: stop
-            engine._stop_reason = "the server process exited"
-            engine._stopping = True
-            engine._inbox.put(_STOP)
-            return
-        for kind, payload in reader.feed(data):
-            message = pickle.loads(payload)
-            if kind == wire.GENERATE:
-                sid, prompt, params, max_chars, stops = message
-                stream = Stream(prompt, params, max_chars, stops, vocab)
-                stream.sid = sid  # type: ignore[attr-defined]
-                streams[sid] = stream
-                engine._inbox.put(stream)
-            elif kind == wire.CONSUMED:
-                sid, consumed = message
-                stream = streams.get(sid)
-                if stream is not None:
-                    stream.consumed = consumed
-            elif kind == wire.CANCEL:
-                stream = streams.pop(message, None)
-                if stream is not None:
-                    stream.cancelled = True
-            elif kind == wire.JOB:
-                jid, ids, state = message
-                engine._inbox.put(_Job(ids, state, _RemoteFuture(jid)))  # type: ignore[arg-type]
-            elif kind == wire.STOP:
-                engine._stop_reason = message
-                engine._stopping = True
-                engine._inbox.put(_STOP)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="charrnn's engine process; started by `python -m serve`, talks "
                                             "records (serve/wire.py) on stdin and stdout")
@@ -506,12 +534,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ModelError, DeviceError) as error:
         os.write(out, wire.frame(wire.ERROR, pickle.dumps((type(error).__name__, str(error)))))
         return 2
-    streams: dict[int, Stream] = {}
-    engine = _ChildEngine(runtime, out, streams, max_batch=args.max_batch, max_delay_us=args.max_delay_us,
+    engine = _ChildEngine(runtime, inp, out, max_batch=args.max_batch, max_delay_us=args.max_delay_us,
                           window=args.window)
     engine.write(wire.frame(wire.READY, pickle.dumps(runtime.provider)))
-    threading.Thread(target=_read_requests, args=(engine, streams, inp), name="charrnn-requests",
-                     daemon=True).start()
     engine._run()  # returns after STOP (or the server's exit), having failed what was left
     return 0
 
