@@ -4,6 +4,7 @@ on sys.path when they run as scripts)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -69,3 +70,19 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait()
         self._stderr.close()
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its children (a server's engine process, --workers processes), from /proc; [pid] where
+    there is no /proc."""
+    pids = [pid]
+    if not os.path.isdir("/proc"):
+        return pids
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != pid:
+            try:
+                if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    pids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+    return pids

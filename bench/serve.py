@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import ROOT, ServerProcess, build_model  # harness puts the repository root on sys.path
+from harness import ROOT, ServerProcess, build_model, process_tree  # harness puts the repository root on sys.path
 
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -47,22 +47,13 @@ def load(target: str, streams: int, chars: int, connections: int = 1) -> dict:
 
 def cpu_seconds(pid: int) -> float | None:
     """CPU seconds (user + system) of a process and its children, from /proc; None where there is none."""
-    def own(p: str) -> tuple[int, float]:
-        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK  # ppid, utime + stime
-
+    total = 0.0
     try:
-        total = own(str(pid))[1]
+        for p in process_tree(pid):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / TICK
     except OSError:
         return None
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and entry != str(pid):
-            try:
-                ppid, seconds = own(entry)
-            except (OSError, IndexError, ValueError):
-                continue  # gone meanwhile
-            if ppid == pid:
-                total += seconds
     return total
 
 

@@ -5,7 +5,7 @@
 
 Starts `python -m serve` on 127.0.0.1 port 0, warms it up, then keeps --callers calls in flight for
 --seconds (each caller starts its next call when the last ends). Prints errors (goal 0), characters
-served, and the server's RSS after warm-up and at the end (goal: growth < 10%); the last line is JSON.
+served, and the server's RSS (its engine process included) after warm-up and at the end (goal: growth < 10%); the last line is JSON.
 Exit status 1 when there were errors or RSS grew by 10% or more.
 """
 
@@ -23,15 +23,21 @@ from pathlib import Path
 
 import grpc
 
-from harness import ServerProcess, build_model  # harness puts the repository root on sys.path
+from harness import ServerProcess, build_model, process_tree  # harness puts the repository root on sys.path
 from serve.pb.charrnn.v1 import charrnn_pb2 as pb  # noqa: E402
 from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc  # noqa: E402
 
 def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    """Resident memory of the server process and its engine process together."""
+    total = 0
+    for p in process_tree(pid):
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+                break
+        else:
+            raise RuntimeError(f"no VmRSS for process {p}")
+    return total
 
 
 class Caller:

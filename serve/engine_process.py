@@ -26,7 +26,6 @@ import select
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -95,7 +94,10 @@ class ProcessEngine:
         self._next_id = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
-        self._lock = threading.Lock()  # one writer at a time on the child's stdin (stop() may run in a thread)
+        # Records for the engine process wait here while its stdin pipe is full. The loop must never
+        # block on that pipe: the engine process blocks on its own stdout until the loop reads it.
+        self._outgoing = bytearray()
+        self._writing = False  # add_writer is set
         self.proc, self.provider = self._spawn()
 
     def _spawn(self) -> tuple[subprocess.Popen[bytes], str]:
@@ -125,7 +127,8 @@ class ProcessEngine:
         self._attach()
 
     def _attach(self) -> None:
-        assert self._loop is not None and self.proc.stdout is not None
+        assert self._loop is not None and self.proc.stdout is not None and self.proc.stdin is not None
+        os.set_blocking(self.proc.stdin.fileno(), False)
         fd = self.proc.stdout.fileno()
         os.set_blocking(fd, False)
         self._loop.add_reader(fd, self._on_readable)
@@ -140,11 +143,18 @@ class ProcessEngine:
         if self._stopping:
             return
         self._stopping = True
-        self._send(wire.STOP, reason, quiet=True)
         on_loop = self._loop is not None and self._on_loop_thread()
+        if self._loop is not None and not on_loop:
+            try:
+                self._loop.call_soon_threadsafe(self._send, wire.STOP, reason, True)
+            except RuntimeError:  # the loop is closed: nobody can send; end it the hard way below
+                self.proc.kill()
+        else:
+            self._send(wire.STOP, reason, quiet=True)
         deadline = time.monotonic() + 30
         while self.proc.poll() is None and time.monotonic() < deadline:
-            if on_loop:  # nobody else reads: keep the pipe moving so the process can write its last records
+            if on_loop:  # the loop is ours: move both pipes ourselves so the process can finish
+                self._flush()
                 self._read_available(0.05)
             else:
                 time.sleep(0.01)
@@ -193,8 +203,12 @@ class ProcessEngine:
         if self._loop is not None and self.proc.stdout is not None and not self.proc.stdout.closed:
             self._loop.remove_reader(self.proc.stdout.fileno())
             self.proc.stdout.close()
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            if self._writing and self._loop is not None:
+                self._loop.remove_writer(self.proc.stdin.fileno())
+            self.proc.stdin.close()
+        self._outgoing.clear()
+        self._writing = False
 
     # ---- requests --------------------------------------------------------------------------------
     def _check_running(self) -> None:
@@ -233,18 +247,40 @@ class ProcessEngine:
             self._send(wire.CANCEL, sid, quiet=True)
 
     def _send(self, kind: bytes, message: Any, quiet: bool = False) -> None:
-        """One record to the engine process; Unavailable if it is gone (quiet: then say nothing)."""
-        record = wire.frame(kind, pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-        assert self.proc.stdin is not None
+        """One record to the engine process; Unavailable if it is gone (quiet: then say nothing). On the
+        loop thread once started; before that (a blocking pipe) from anywhere."""
+        stdin = self.proc.stdin
+        if stdin is None or stdin.closed:
+            if quiet:
+                return
+            raise Unavailable("the engine process is gone")
+        self._outgoing += wire.frame(kind, pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        if not self._writing:
+            self._flush(quiet)
+
+    def _flush(self, quiet: bool = True) -> None:
+        """Writes what the pipe takes now; the rest when the loop says the pipe has room again."""
+        stdin = self.proc.stdin
+        if stdin is None or stdin.closed:
+            return
+        fd = stdin.fileno()
         try:
-            with self._lock:
-                fd = self.proc.stdin.fileno()
-                view = memoryview(record)
-                while view:
-                    view = view[os.write(fd, view):]
-        except (OSError, ValueError):  # ValueError: the pipe is closed on our side
+            while self._outgoing:
+                del self._outgoing[:os.write(fd, self._outgoing)]
+        except BlockingIOError:
+            pass
+        except OSError:  # the engine process is gone; reading its stdout will say so
+            self._outgoing.clear()
             if not quiet:
                 raise Unavailable("the engine process is gone") from None
+        if self._loop is None:
+            return
+        if self._outgoing and not self._writing:
+            self._loop.add_writer(fd, self._flush)
+            self._writing = True
+        elif not self._outgoing and self._writing:
+            self._loop.remove_writer(fd)
+            self._writing = False
 
     # ---- results ---------------------------------------------------------------------------------
     def _on_readable(self) -> None:

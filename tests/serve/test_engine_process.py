@@ -132,3 +132,30 @@ def test_the_engine_process_waits_for_a_slow_reader_and_resumes(text_model):
         channel.close()
     finally:
         live.close()
+
+
+def test_full_pipes_both_ways_do_not_stall_the_server(text_model):
+    """Requests and results both bigger than a pipe holds, many at once: the server must keep reading
+    while the engine process writes (a blocking write on the loop once deadlocked the two)."""
+    import asyncio
+
+    live = LiveServer(_settings(text_model))
+    try:
+        vocab = list(live.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30).vocab)
+        text = "".join(vocab[i % len(vocab)] for i in range(4000))  # 32 KB of ids out, 1 MB of logits back
+
+        async def run() -> list[int]:
+            async with grpc.aio.insecure_channel(live.target) as channel:
+                stub = pb_grpc.CharRNNStub(channel)
+
+                async def one() -> int:
+                    return len([r async for r in stub.Predict(iter([pb.PredictRequest(text=text)]), timeout=60)])
+
+                calls = [asyncio.ensure_future(one()) for _ in range(16)]
+                info = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=20)  # the loop still answers
+                assert info.vocab
+                return await asyncio.gather(*calls)
+
+        assert asyncio.run(run()) == [4000] * 16
+    finally:
+        live.close()
