@@ -47,6 +47,14 @@ _ERRORS: dict[str, type[ServeError]] = {cls.__name__: cls for cls in (EngineFail
 START_TIMEOUT = 120.0
 
 
+def _readable(fd: int, timeout: float | None) -> bool:
+    """Whether fd has something to read within timeout seconds (None: wait). poll, not select: a busy
+    server has more than 1024 descriptors open, and select cannot watch those."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
+
+
 def _error(name: str, message: str) -> ServeError:
     return _ERRORS.get(name, EngineFailure)(message)
 
@@ -61,12 +69,23 @@ class _RemoteStream(Stream):
     def __init__(self, owner: ProcessEngine, sid: int, *args: Any) -> None:
         super().__init__(*args)
         self._owner, self._sid = owner, sid
+        self._reported = 0
 
     def pop(self) -> tuple[int, float, Finish] | None:
         item = super().pop()
         if item is not None and not self.consumed % self.REPORT_EVERY:
-            self._owner._send(wire.CONSUMED, (self._sid, self.consumed), quiet=True)
+            self._report()
         return item
+
+    async def wait(self) -> None:
+        # Caught up: say so before waiting, or an engine that parked the stream would never hear it.
+        if self.consumed != self._reported:
+            self._report()
+        await super().wait()
+
+    def _report(self) -> None:
+        self._reported = self.consumed
+        self._owner._send(wire.CONSUMED, (self._sid, self.consumed), quiet=True)
 
     def close(self) -> None:
         if not self.cancelled:
@@ -101,25 +120,32 @@ class ProcessEngine:
         self.proc, self.provider = self._spawn()
 
     def _spawn(self) -> tuple[subprocess.Popen[bytes], str]:
-        """Starts an engine process and waits for its READY (or the error that stopped it)."""
-        proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        """Starts an engine process and waits for its READY (or the error that stopped it).
+
+        Its own session: a terminal's Ctrl-C goes to the server, which stops the engine when it is done."""
+        proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+                                start_new_session=True)
         assert proc.stdout is not None
         self._reader = wire.Reader()
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            data = os.read(proc.stdout.fileno(), 1 << 16) if ready else b""
-            if not data:
-                break
-            for kind, payload in self._reader.feed(data):
-                if kind == wire.READY:
-                    return proc, pickle.loads(payload)
-                if kind == wire.ERROR:
-                    proc.wait(timeout=10)
-                    raise _error(*pickle.loads(payload))
-        proc.kill()
-        proc.wait()
-        raise EngineFailure(f"the engine process did not start (exit status {proc.returncode})")
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            while time.monotonic() < deadline:
+                ready = _readable(proc.stdout.fileno(), max(0.0, deadline - time.monotonic()))
+                data = os.read(proc.stdout.fileno(), 1 << 16) if ready else b""
+                if not data:
+                    break
+                for kind, payload in self._reader.feed(data):
+                    if kind == wire.READY:
+                        return proc, pickle.loads(payload)
+                    if kind == wire.ERROR:
+                        proc.wait(timeout=10)
+                        raise _error(*pickle.loads(payload))
+            raise EngineFailure("the engine process did not start")
+        except BaseException:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            raise
 
     # ---- lifetime (loop thread unless noted) --------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -168,8 +194,7 @@ class ProcessEngine:
         assert self.proc.stdout is not None
         if self.proc.stdout.closed:
             return
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if ready:
+        if _readable(self.proc.stdout.fileno(), timeout):
             try:
                 data = os.read(self.proc.stdout.fileno(), 1 << 20)
             except BlockingIOError:
@@ -348,12 +373,26 @@ class ProcessEngine:
         log.error("the engine process exited unexpectedly (status %s); starting a new one", status)
         self._detach()
         self._fail_all(Unavailable(f"the model process exited unexpectedly (status {status}); retry"))
-        assert self._loop is not None
-        self._loop.run_in_executor(None, self._spawn).add_done_callback(self._respawned)
+        self._respawn(0)
 
-    def _respawned(self, done: asyncio.Future[tuple[subprocess.Popen[bytes], str]]) -> None:
+    def _respawn(self, failures: int) -> None:
+        assert self._loop is not None
+        future = self._loop.run_in_executor(None, self._spawn)
+        future.add_done_callback(lambda done: self._respawned(done, failures))
+
+    def _respawned(self, done: asyncio.Future[tuple[subprocess.Popen[bytes], str]], failures: int) -> None:
+        if done.cancelled() or self._stopping:
+            if not done.cancelled() and done.exception() is None:
+                proc, _ = done.result()
+                proc.kill()
+                proc.wait()
+            return
         if done.exception() is not None:
-            log.error("the engine process could not be restarted: %s", done.exception())
+            delay = min(30.0, 0.5 * 2 ** failures)  # keep trying: the model file may come back
+            log.error("the engine process could not be restarted (%s); trying again in %.1f s",
+                      done.exception(), delay)
+            assert self._loop is not None
+            self._loop.call_later(delay, self._respawn, failures + 1)
             return
         proc, _ = done.result()
         if self._stopping:
@@ -445,8 +484,7 @@ class _ChildEngine(Engine):
 
     def _read(self, timeout: float | None) -> tuple[bool, list[Any]]:
         """(whether anything came, the inbox items it held); progress and cancellations are applied."""
-        ready, _, _ = select.select([self._in], [], [], timeout)
-        if not ready:
+        if not _readable(self._in, timeout):
             return False, []
         try:
             data = os.read(self._in, 1 << 20)
@@ -489,7 +527,7 @@ class _ChildEngine(Engine):
         try:
             while view:
                 view = view[os.write(self._out, view):]
-        except OSError:  # the server is gone; the reader thread will stop the engine
+        except OSError:  # the server is gone; the next read of stdin (EOF) stops the engine
             pass
 
     def _step(self, riders: list[_Job] | None = None) -> bool:
@@ -574,6 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           window=args.window)
     engine.write(wire.frame(wire.READY, pickle.dumps(runtime.provider)))
     engine._run()  # returns after STOP (or the server's exit), having failed what was left
+    engine._flush_tally()  # the streams cut at shutdown count as cancelled
     return 0
 
 

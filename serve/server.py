@@ -40,7 +40,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CharRNN"].full_name  # "charrnn.v
 
 
 class Server:
-    """A bound grpc.aio server plus the engine thread and metrics endpoint whose lifetime it shares."""
+    """A bound grpc.aio server plus the engine (process or thread) and metrics endpoint whose lifetime it
+    shares."""
 
     def __init__(self, grpc_server: grpc.aio.Server, engine: Engine, health_servicer: health.aio.HealthServicer,
                  gate: Gate, metrics: Metrics, address: str, provider: str, metrics_port: int | None) -> None:
@@ -155,21 +156,28 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
         runtime = Runtime(settings.model, settings.device, settings.threads)
         engine = Engine(runtime, settings.max_batch, settings.max_delay_us, metrics=metrics)
         provider = runtime.provider
-    service = CharRNNService(engine, provider, settings.max_chars, settings.state_key.encode(),
-                             settings.max_prompt_chars)
-    gate = Gate(settings.max_streams, settings.auth_token, metrics)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port)),
-                                      ("grpc.max_receive_message_length", settings.max_message_bytes)])
-    pb_grpc.add_CharRNNServicer_to_server(CharRNNServicer(service, gate, metrics), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    host = settings.address_host
-    address = f"{host}:{settings.port}"
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot bind {host}:{settings.port}")
-    metrics_port = metrics.serve(settings.host, settings.metrics_port) if settings.metrics_port >= 0 else None
+    try:  # an engine process is running from here on: it must not outlive a failed start
+        service = CharRNNService(engine, provider, settings.max_chars, settings.state_key.encode(),
+                                 settings.max_prompt_chars)
+        gate = Gate(settings.max_streams, settings.auth_token, metrics)
+        server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port)),
+                                          ("grpc.max_receive_message_length", settings.max_message_bytes)])
+        pb_grpc.add_CharRNNServicer_to_server(CharRNNServicer(service, gate, metrics), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        host = settings.address_host
+        address = f"{host}:{settings.port}"
+        try:
+            port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        except RuntimeError:  # what grpcio raises for a port in use; older releases returned 0
+            port = 0
+        if port == 0:
+            raise OSError(f"cannot bind {host}:{settings.port} (in use, or not an address of this host)")
+        metrics_port = metrics.serve(settings.host, settings.metrics_port) if settings.metrics_port >= 0 else None
+    except BaseException:
+        engine.stop("the server did not start")
+        raise
     return Server(server, engine, health_servicer, gate, metrics, f"{host}:{port}", provider,
                   metrics_port), port
 

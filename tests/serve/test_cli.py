@@ -121,3 +121,16 @@ def test_serves_on_either_event_loop(hihell_model, loop):
     with server_process("--model", str(hihell_model), "--event-loop", loop) as (target, _):
         out = client("predict", "--target", target, "hihell", "--per-char").stdout
         assert [line.split(" -> ")[1][1] for line in out.splitlines()] == list("ihello")
+
+
+def test_a_port_in_use_is_a_clear_error(hihell_model):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "serve", "--model", str(hihell_model), "--port", str(port)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert f"cannot bind 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr

@@ -159,3 +159,81 @@ def test_full_pipes_both_ways_do_not_stall_the_server(text_model):
         assert asyncio.run(run()) == [4000] * 16
     finally:
         live.close()
+
+
+def _engine_children() -> list[int]:
+    """This process's engine processes still running, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[1]) == os.getpid() and b"serve.engine_process" in cmdline and stat[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def test_a_server_that_cannot_bind_stops_its_engine_process(text_model):
+    import asyncio
+    import socket
+
+    from serve.server import create_server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        before = set(_engine_children())
+
+        async def start() -> None:  # grpc.aio wants a loop, as in `python -m serve`
+            create_server(dataclasses.replace(_settings(text_model), port=taken.getsockname()[1]))
+
+        with pytest.raises(OSError, match="cannot bind"):
+            asyncio.run(start())
+    assert set(_engine_children()) <= before  # none left behind (an earlier test's may be ending)
+
+
+def test_the_engine_restarts_with_more_than_1024_descriptors_open(text_model):
+    """A busy server holds more descriptors than select() can watch; the restart must not use it."""
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    live = LiveServer(_settings(text_model))
+    try:
+        engine = live.server.engine
+        os.kill(engine.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while engine.stats["restarts"] < 1:
+            assert time.monotonic() < deadline, "the engine process was not replaced"
+            time.sleep(0.05)
+        assert len(generate(live, prompt="it", max_chars=20, seed=1)) == 20
+    finally:
+        live.close()
+        for fd in held:
+            os.close(fd)
+
+
+def test_a_small_window_still_resumes_a_reader_that_caught_up(text_model):
+    """The engine learns of the reader's progress when the reader waits, whatever the window."""
+    import asyncio
+
+    from serve.batcher import SamplingParams
+    from serve.engine_process import ProcessEngine
+    from serve.runtime import Runtime
+
+    async def run() -> int:
+        engine = ProcessEngine(Runtime(str(text_model), "cpu"), str(text_model), "cpu", window=40)
+        engine.start(asyncio.get_running_loop())
+        try:
+            stream = engine.generate(np.array([1, 2]), SamplingParams(seed=5), 300)
+            got = 0
+            async for _ in stream:
+                got += 1
+                if got % 50 == 0:
+                    await asyncio.sleep(0.05)  # let the engine get a window ahead and park
+            return got
+        finally:
+            engine.stop()
+
+    assert asyncio.run(asyncio.wait_for(run(), timeout=60)) == 300
