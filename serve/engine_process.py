@@ -61,31 +61,18 @@ def _error(name: str, message: str) -> ServeError:
 
 # ---- server side ---------------------------------------------------------------------------------
 class _RemoteStream(Stream):
-    """A Generate stream whose characters come from the engine process: reports the consumer's
-    progress now and then (the engine parks streams a window ahead) and its end."""
-
-    REPORT_EVERY = 256  # the engine parks a stream 1024 ahead of its reader and lets it rejoin at 512
+    """A Generate stream whose characters come from the engine process: reports the reader's progress
+    now and then (the engine parks streams a window ahead of their reader) and its end."""
 
     def __init__(self, owner: ProcessEngine, sid: int, *args: Any) -> None:
         super().__init__(*args)
         self._owner, self._sid = owner, sid
-        self._reported = 0
 
     def pop(self) -> tuple[int, float, Finish] | None:
         item = super().pop()
-        if item is not None and not self.consumed % self.REPORT_EVERY:
-            self._report()
+        if item is not None and not self.consumed % self._owner.report_every:
+            self._owner._send(wire.CONSUMED, (self._sid, self.consumed), quiet=True)
         return item
-
-    async def wait(self) -> None:
-        # Caught up: say so before waiting, or an engine that parked the stream would never hear it.
-        if self.consumed != self._reported:
-            self._report()
-        await super().wait()
-
-    def _report(self) -> None:
-        self._reported = self.consumed
-        self._owner._send(wire.CONSUMED, (self._sid, self.consumed), quiet=True)
 
     def close(self) -> None:
         if not self.cancelled:
@@ -106,6 +93,10 @@ class ProcessEngine:
         self.max_batch = max_batch
         self.metrics = metrics if metrics is not None else Metrics()
         self.stats = {"step_calls": 0, "step_rows": 0, "restarts": 0}
+        # The engine parks a stream `window` ahead of what it knows was read and lets it rejoin at half
+        # that. Reports every quarter window keep its knowledge under a quarter behind, so a reader who
+        # caught up and waits is always within half a window: the stream rejoins, whatever the window.
+        self.report_every = max(1, window // 4)
         self._argv = [*CHILD, "--model", model, "--device", device, "--threads", str(threads), "--max-batch",
                       str(max_batch), "--max-delay-us", str(max_delay_us), "--window", str(window)]
         self._streams: dict[int, _RemoteStream] = {}
