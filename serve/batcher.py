@@ -243,6 +243,7 @@ class Engine:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.runtime = runtime
+        self.spec = runtime.spec
         self.vocab = runtime.spec.vocab
         self.max_batch = max_batch
         self.max_delay = max_delay_us / 1e6

@@ -36,7 +36,7 @@ from serve import sampling, wire
 from serve.batcher import _STOP, Engine, Finish, SamplingParams, Stream, _fail, _Job, _resolve
 from serve.errors import DeviceError, EngineFailure, ModelError, ServeError, Unavailable
 from serve.metrics import Metrics
-from serve.runtime import Runtime
+from serve.runtime import ModelSpec, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,20 @@ def _readable(fd: int, timeout: float | None) -> bool:
     return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
 
 
-def _error(name: str, message: str) -> ServeError:
-    return _ERRORS.get(name, EngineFailure)(message)
+def _error(name: str, *args: Any) -> ServeError:
+    """The server-side exception for a (class name, constructor arguments) the engine process sent."""
+    cls = _ERRORS.get(name, EngineFailure)
+    try:
+        return cls(*args)
+    except TypeError:
+        return EngineFailure(": ".join(map(str, args)))
+
+
+def _as_record(error: BaseException) -> tuple[Any, ...]:
+    """(class name, constructor arguments): what `_error` rebuilds on the server side."""
+    if isinstance(error, ModelError):
+        return type(error).__name__, str(error.path), error.problem
+    return type(error).__name__, str(error)
 
 
 # ---- server side ---------------------------------------------------------------------------------
@@ -81,15 +93,14 @@ class _RemoteStream(Stream):
 
 
 class ProcessEngine:
-    """Engine's interface (start, stop, running, generate, predict, stats, runtime, vocab) over a child
-    process running the Engine. `runtime` is this process's copy of the model, for its spec only."""
+    """Engine's interface (start, stop, running, generate, predict, stats, spec, vocab) over a child
+    process running the Engine. The model is loaded and checked there only: this process learns its
+    spec and provider from the child's READY record, or gets the child's ModelError / DeviceError."""
 
-    def __init__(self, runtime: Runtime, model: str, device: str = "auto", threads: int = 1, max_batch: int = 256,
+    def __init__(self, model: str, device: str = "auto", threads: int = 1, max_batch: int = 256,
                  max_delay_us: int = 200, window: int = 1024, metrics: Metrics | None = None) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
-        self.runtime = runtime
-        self.vocab = runtime.spec.vocab
         self.max_batch = max_batch
         self.metrics = metrics if metrics is not None else Metrics()
         self.stats = {"step_calls": 0, "step_rows": 0, "restarts": 0}
@@ -108,9 +119,10 @@ class ProcessEngine:
         # block on that pipe: the engine process blocks on its own stdout until the loop reads it.
         self._outgoing = bytearray()
         self._writing = False  # add_writer is set
-        self.proc, self.provider = self._spawn()
+        self.proc, (self.provider, self.spec) = self._spawn()
+        self.vocab = self.spec.vocab
 
-    def _spawn(self) -> tuple[subprocess.Popen[bytes], str]:
+    def _spawn(self) -> tuple[subprocess.Popen[bytes], tuple[str, ModelSpec]]:
         """Starts an engine process and waits for its READY (or the error that stopped it).
 
         Its own session: a terminal's Ctrl-C goes to the server, which stops the engine when it is done."""
@@ -371,7 +383,8 @@ class ProcessEngine:
         future = self._loop.run_in_executor(None, self._spawn)
         future.add_done_callback(lambda done: self._respawned(done, failures))
 
-    def _respawned(self, done: asyncio.Future[tuple[subprocess.Popen[bytes], str]], failures: int) -> None:
+    def _respawned(self, done: asyncio.Future[tuple[subprocess.Popen[bytes], tuple[str, ModelSpec]]],
+                   failures: int) -> None:
         if done.cancelled() or self._stopping:
             if not done.cancelled() and done.exception() is None:
                 proc, _ = done.result()
@@ -597,11 +610,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runtime = Runtime(args.model, args.device, args.threads)
     except (ModelError, DeviceError) as error:
-        os.write(out, wire.frame(wire.ERROR, pickle.dumps((type(error).__name__, str(error)))))
+        os.write(out, wire.frame(wire.ERROR, pickle.dumps(_as_record(error))))
         return 2
     engine = _ChildEngine(runtime, inp, out, max_batch=args.max_batch, max_delay_us=args.max_delay_us,
                           window=args.window)
-    engine.write(wire.frame(wire.READY, pickle.dumps(runtime.provider)))
+    engine.write(wire.frame(wire.READY, pickle.dumps((runtime.provider, runtime.spec))))
     engine._run()  # returns after STOP (or the server's exit), having failed what was left
     engine._flush_tally()  # the streams cut at shutdown count as cancelled
     return 0

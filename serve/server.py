@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from serve.admission import Gate
 from serve.batcher import Engine
 from serve.engine_process import ProcessEngine
-from serve.errors import ConfigError, DeviceError, ModelError
+from serve.errors import ConfigError, DeviceError, EngineFailure, ModelError
 from serve.loops import loop_factory
 from serve.metrics import Metrics
 from serve.pb.charrnn.v1 import charrnn_pb2 as pb
@@ -145,11 +145,8 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
     credentials = _credentials(settings)
     metrics = Metrics()
     engine: Engine | ProcessEngine
-    if settings.engine == "process":
-        # This process keeps a CPU copy of the model for its spec (vocabulary, state shape, checks); the
-        # engine process loads its own on the chosen device and says which provider it got.
-        runtime = Runtime(settings.model, "cpu", 1)
-        engine = ProcessEngine(runtime, settings.model, settings.device, settings.threads, settings.max_batch,
+    if settings.engine == "process":  # the engine process loads and checks the model; nothing here does
+        engine = ProcessEngine(settings.model, settings.device, settings.threads, settings.max_batch,
                                settings.max_delay_us, metrics=metrics)
         provider = engine.provider
     else:
@@ -226,7 +223,7 @@ def run(settings: Settings, reuse_port: bool = False,
     except (ModelError, ConfigError) as error:  # its message starts with the file's path or the flag
         print(f"charrnn serve: {error}", file=sys.stderr, flush=True)
         return 2
-    except (DeviceError, OSError) as error:
+    except (DeviceError, EngineFailure, OSError) as error:
         print(f"charrnn serve: cannot serve {settings.model}: {error}", file=sys.stderr, flush=True)
         return 2
     return 0

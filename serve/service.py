@@ -14,6 +14,7 @@ import numpy as np
 from serve import sampling
 from serve.batcher import Engine, SamplingParams, Stream
 from serve.codec import StateCodec
+from serve.engine_process import ProcessEngine
 from serve.errors import InvalidArgument
 from serve.runtime import ModelSpec
 
@@ -47,10 +48,10 @@ class ModelInfo:
 class CharRNNService:
     """What the API does, for one loaded model."""
 
-    def __init__(self, engine: Engine, provider: str, max_chars: int, state_secret: bytes = b"",
+    def __init__(self, engine: Engine | ProcessEngine, provider: str, max_chars: int, state_secret: bytes = b"",
                  max_prompt_chars: int = 10_000) -> None:
         self.engine = engine
-        self.spec = engine.runtime.spec
+        self.spec = engine.spec
         self.provider = provider
         self.max_chars = max_chars
         self.max_prompt_chars = max_prompt_chars

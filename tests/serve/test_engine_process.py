@@ -220,10 +220,9 @@ def test_a_small_window_still_resumes_a_reader_that_caught_up(text_model):
 
     from serve.batcher import SamplingParams
     from serve.engine_process import ProcessEngine
-    from serve.runtime import Runtime
 
     async def run() -> int:
-        engine = ProcessEngine(Runtime(str(text_model), "cpu"), str(text_model), "cpu", window=40)
+        engine = ProcessEngine(str(text_model), "cpu", window=40)
         engine.start(asyncio.get_running_loop())
         try:
             stream = engine.generate(np.array([1, 2]), SamplingParams(seed=5), 300)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 from hypothesis import given, settings
@@ -20,8 +19,7 @@ class FakeEngine:
     """Stands in for the engine: records what the service would start."""
 
     def __init__(self) -> None:
-        spec = ModelSpec("m.onnx", "00" * 32, VOCAB, "gru", 1, 4, 4)
-        self.runtime = SimpleNamespace(spec=spec)
+        self.spec = ModelSpec("m.onnx", "00" * 32, VOCAB, "gru", 1, 4, 4)
         self.started: list[tuple] = []
 
     def generate(self, ids, params, max_chars, stops):
