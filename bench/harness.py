@@ -72,6 +72,11 @@ class ServerProcess:
         self._stderr.close()
 
 
+def proc_stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (state first, then ppid, ...; utime is [11])."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def process_tree(pid: int) -> list[int]:
     """pid and its children (a server's engine process, --workers processes), from /proc; [pid] where
     there is no /proc."""
@@ -81,7 +86,7 @@ def process_tree(pid: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != pid:
             try:
-                if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                if int(proc_stat(int(entry))[1]) == pid:
                     pids.append(int(entry))
             except (OSError, IndexError, ValueError):
                 continue  # gone meanwhile

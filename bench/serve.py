@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import ROOT, ServerProcess, build_model, process_tree  # harness puts the repository root on sys.path
+from harness import ROOT, ServerProcess, build_model, proc_stat, process_tree  # harness puts the repository root on sys.path
 
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -50,7 +50,7 @@ def cpu_seconds(pid: int) -> float | None:
     total = 0.0
     try:
         for p in process_tree(pid):
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = proc_stat(p)
             total += (int(fields[11]) + int(fields[12])) / TICK
     except OSError:
         return None

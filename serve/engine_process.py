@@ -101,7 +101,6 @@ class ProcessEngine:
                  max_delay_us: int = 200, window: int = 1024, metrics: Metrics | None = None) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
-        self.max_batch = max_batch
         self.metrics = metrics if metrics is not None else Metrics()
         self.stats = {"step_calls": 0, "step_rows": 0, "restarts": 0}
         # The engine parks a stream `window` ahead of what it knows was read and lets it rejoin at half
@@ -224,6 +223,10 @@ class ProcessEngine:
             if not data:
                 break
             self._handle(data)
+        self._ended()
+
+    def _ended(self) -> None:
+        """The engine process exited after stop(): let go of its pipes, fail what it left unanswered."""
         self._detach()
         self._fail_all(Unavailable("the server is shutting down"))
 
@@ -320,8 +323,7 @@ class ProcessEngine:
         if data:
             self._handle(data)
         elif self._stopping:  # stop() ran in another thread: this is its end
-            self._detach()
-            self._fail_all(Unavailable("the server is shutting down"))
+            self._ended()
         else:
             self._died()
 
@@ -444,9 +446,6 @@ class _RemoteFuture:
         self.jid = jid
 
     def cancelled(self) -> bool:
-        return False
-
-    def done(self) -> bool:
         return False
 
 
