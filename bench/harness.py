@@ -78,16 +78,28 @@ def proc_stat(pid: int) -> list[str]:
 
 
 def process_tree(pid: int) -> list[int]:
-    """pid and its children (a server's engine process, --workers processes), from /proc; [pid] where
-    there is no /proc."""
-    pids = [pid]
+    """pid and all its descendants (a server's engine process; --workers processes and their engine
+    processes), from /proc; [pid] where there is no /proc."""
     if not os.path.isdir("/proc"):
-        return pids
+        return [pid]
+    children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != pid:
+        if entry.isdigit():
             try:
-                if int(proc_stat(int(entry))[1]) == pid:
-                    pids.append(int(entry))
+                children.setdefault(int(proc_stat(int(entry))[1]), []).append(int(entry))
             except (OSError, IndexError, ValueError):
                 continue  # gone meanwhile
-    return pids
+    tree, at = [pid], 0
+    while at < len(tree):
+        tree += children.get(tree[at], [])
+        at += 1
+    return tree
+
+
+def is_engine_process(pid: int) -> bool:
+    """Whether pid runs an engine (serve/engine_process.py, or bench/model_skipped.py's stand-in)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"serve.engine_process" in argv or b"--engine-child" in argv

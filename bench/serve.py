@@ -8,7 +8,8 @@ All servers start first and stay up; then every round runs each load against eac
 that what a shared machine does to its speed minute by minute lands on all of them alike. Each ratio is
 taken within a round and the median over rounds is printed with its range. Each load runs from a
 separate process (bench/load.py). Besides chars/s and latency, each row gives the CPU time per character
-of the server process (its workers included) and of the client process, which is where the time goes.
+of the server (all its processes: --workers, engine processes), of its engine processes alone, and of
+the client process, which is where the time goes.
 
 "thread engine" is the server with --engine thread (onnxruntime and sampling in a thread of the server
 process, sharing its GIL) for comparison with the default engine process. "model skipped"
@@ -31,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import ROOT, ServerProcess, build_model, proc_stat, process_tree  # harness puts the repository root on sys.path
+from harness import ROOT, ServerProcess, build_model, is_engine_process, proc_stat, process_tree  # harness puts the repository root on sys.path
 
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -45,16 +46,19 @@ def load(target: str, streams: int, chars: int, connections: int = 1) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """CPU seconds (user + system) of a process and its children, from /proc; None where there is none."""
-    total = 0.0
-    try:
-        for p in process_tree(pid):
-            fields = proc_stat(p)
-            total += (int(fields[11]) + int(fields[12])) / TICK
-    except OSError:
+def cpu_seconds(pid: int) -> dict[int, tuple[float, bool]] | None:
+    """Per process of the server's tree: (CPU seconds, user + system, from /proc; whether it is an
+    engine process). None where there is no /proc."""
+    if not os.path.isdir("/proc"):
         return None
-    return total
+    seconds = {}
+    for p in process_tree(pid):
+        try:
+            fields = proc_stat(p)
+        except OSError:
+            continue  # gone meanwhile
+        seconds[p] = ((int(fields[11]) + int(fields[12])) / TICK, is_engine_process(p))
+    return seconds
 
 
 def measure(server: ServerProcess, streams: int, chars: int, connections: int) -> dict:
@@ -62,7 +66,13 @@ def measure(server: ServerProcess, streams: int, chars: int, connections: int) -
     result = load(server.target, streams, chars, connections)
     after = cpu_seconds(server.pid)
     received = max(result["chars"], 1)
-    result["server_us"] = None if before is None or after is None else (after - before) / received * 1e6
+    result["server_us"] = result["engine_us"] = None
+    if before is not None and after is not None:
+        # a process that started or restarted meanwhile counts from zero
+        used = {p: (after[p][0] - before.get(p, (0.0, False))[0], after[p][1]) for p in after}
+        result["server_us"] = sum(s for s, _ in used.values()) / received * 1e6
+        if any(engine for _, engine in used.values()):  # none: no engine process (ceiling, --engine thread)
+            result["engine_us"] = sum(s for s, engine in used.values() if engine) / received * 1e6
     result["client_us"] = result["client_cpu_s"] / received * 1e6
     return result
 
@@ -164,14 +174,15 @@ def main() -> int:
             return statistics.median(values) if values else None
 
         print(f"\n{'':>20} {'':>10} {'chars/s':>9} {'ttfc p50':>9} {'gap p50':>8} {'gap p99':>8}  "
-              f"{'CPU us/char: server':>19} {'client':>7}  errors   (medians over rounds)")
+              f"{'CPU us/char: server':>19} {'engine':>7} {'client':>7}  errors   (medians over rounds)")
         for name in configs:
             for streams, _ in loads:
                 errors = sum(r["error_count"] for r in results[(name, streams)])
                 print(f"{name:>20} {streams:>3} stream{'s' if streams > 1 else ' '} "
                       f"{median(name, streams, 'chars_per_s'):>9.0f} {median(name, streams, 'ttfc_p50_ms'):>7.2f}ms "
                       f"{median(name, streams, 'gap_p50_ms'):>6.3f}ms {median(name, streams, 'gap_p99_ms'):>6.3f}ms  "
-                      f"{_us(median(name, streams, 'server_us')):>19} {_us(median(name, streams, 'client_us')):>7}  "
+                      f"{_us(median(name, streams, 'server_us')):>19} {_us(median(name, streams, 'engine_us')):>7} "
+                      f"{_us(median(name, streams, 'client_us')):>7}  "
                       f"{errors}")
 
         def ratio(a: str, b: str, streams: int) -> str:
@@ -202,12 +213,15 @@ def main() -> int:
         if None not in ceiling_cpu:
             # When the client shares the cores, a server cannot beat the ceiling by more than the CPU it adds.
             model_us = latency[n][0] / n * 1e6
+            one_gap = 1e6 / median("ceiling", 1, "chars_per_s")
             cost = ceiling_cpu[0] + median("ceiling", n, "client_us")
             print(f"\nper character at {n} streams: the ceiling costs {ceiling_cpu[0]:.1f} us of server CPU and "
                   f"{cost - ceiling_cpu[0]:.1f} us of client CPU;\n  the model step alone adds {model_us:.1f} us, so "
                   f"with every core busy the model alone caps batched / ceiling near {cost / (cost + model_us):.2f}."
-                  f"\n  At 1 stream the model step alone takes {latency[1][0] * 1e6:.0f} us per character, the ceiling "
-                  f"sends one every {1e6 / median('ceiling', 1, 'chars_per_s'):.0f} us.")
+                  f"\n  At 1 stream each character waits for the one before it: the model step alone takes "
+                  f"{latency[1][0] * 1e6:.0f} us,\n  the ceiling sends a character every {one_gap:.0f} us, so even a "
+                  f"server that did nothing but the model step\n  could not pass batched / ceiling = "
+                  f"{one_gap / (latency[1][0] * 1e6):.2f} at 1 stream on this machine now.")
     return 0
 
 

@@ -25,3 +25,8 @@ def test_serving_benchmark_runs_end_to_end():
     assert "batched / ceiling,   4 streams:" in out and "(rounds " in out
     assert re.search(r"x2 procs, 4 conns / batched, 4 conns, 4 streams: \d", out)
     assert "batch   4: onnxruntime" in out
+    assert re.search(r"caps batched / ceiling near \d", out)
+    assert re.search(r"could not pass batched / ceiling = \d", out)
+    # the engine column: the engine processes' share, n/a where there is none
+    assert re.search(r"^\s*ceiling\s+4 streams\s.*\sn/a\s+\S+\s+0$", out, re.M), out
+    assert re.search(r"^\s*batched\s+4 streams\s.*\s\d+\.\d\s+\S+\s+0$", out, re.M), out
