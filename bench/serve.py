@@ -126,7 +126,7 @@ def main() -> int:
     p.add_argument("--chars", type=int, default=300, help="characters per stream in the many-stream load")
     p.add_argument("--one-stream-chars", type=int, default=1000,
                    help="characters of the one-stream load (300 would take 30 ms: mostly noise)")
-    p.add_argument("--rounds", type=int, default=3, help="times every load runs against every server")
+    p.add_argument("--rounds", type=int, default=5, help="times every load runs against every server")
     p.add_argument("--workers", type=int, default=2,
                    help="also measure N server processes on one port (--workers); 1 = skip")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads in the server")
