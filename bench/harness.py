@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # first, ahead of bench/: `serve` must be the package, not bench/serve.py
 
 READY = re.compile(r" on (\S+:\d+)")  # `python -m serve`'s and bench/ceiling.py's ready lines
+ENGINE_CHILD = "--engine-child"  # bench/model_skipped.py's argument when it runs as the engine process
 VOCAB_65 = list("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")  # tinyshakespeare's
 
 
@@ -102,4 +103,4 @@ def is_engine_process(pid: int) -> bool:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"serve.engine_process" in argv or b"--engine-child" in argv
+    return b"serve.engine_process" in argv or ENGINE_CHILD.encode() in argv

@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from harness import ENGINE_CHILD  # noqa: E402  (how this script starts itself as the engine process)
 from serve import engine_process, runtime  # noqa: E402
-
-ENGINE_CHILD = "--engine-child"  # how this script starts itself as the engine process
 _real_step = runtime.Runtime.step
 _first: dict[int, np.ndarray] = {}
 
