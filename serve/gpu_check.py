@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from serve.batcher import Engine, SamplingParams
-from serve.errors import DeviceError, ModelError
+from serve.errors import DeviceError, ModelError, ServeError
 from serve.runtime import Runtime
 
 
@@ -39,10 +39,20 @@ async def _generate(rt: Runtime, streams: int, chars: int) -> tuple[float, list[
     try:
         async def one(seed: int) -> list[int]:
             stream = engine.generate(np.zeros(1, dtype=np.int64), SamplingParams(0.8, 0, 1.0, seed), chars)
-            return [token async for token, _, _ in stream]
+            tokens: list[int] = []
+            try:
+                async for token, _, _ in stream:
+                    tokens.append(token)
+            except ServeError as error:  # reported as INCOMPLETE by the caller, with the first reason
+                failures.append(str(error))
+            return tokens
+
+        failures: list[str] = []
 
         start = time.perf_counter()
         tokens = await asyncio.gather(*(one(seed) for seed in range(streams)))
+        if failures:
+            print(f"engine: {len(failures)} streams failed, the first with: {failures[0]}")
         return time.perf_counter() - start, tokens
     finally:
         await asyncio.get_running_loop().run_in_executor(None, engine.stop)
