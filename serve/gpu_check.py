@@ -36,26 +36,27 @@ async def _generate(rt: Runtime, streams: int, chars: int) -> tuple[float, list[
     """streams seeded Generate streams of chars characters through an Engine on rt: (seconds, tokens)."""
     engine = Engine(rt, max_batch=max(streams, 1))
     engine.start(asyncio.get_running_loop())
+    failures: list[str] = []
+
+    async def one(seed: int) -> list[int]:
+        stream = engine.generate(np.zeros(1, dtype=np.int64), SamplingParams(0.8, 0, 1.0, seed), chars)
+        tokens: list[int] = []
+        try:
+            async for token, _, _ in stream:
+                tokens.append(token)
+        except ServeError as error:  # reported as INCOMPLETE by the caller, with the first reason
+            failures.append(str(error))
+        return tokens
+
     try:
-        async def one(seed: int) -> list[int]:
-            stream = engine.generate(np.zeros(1, dtype=np.int64), SamplingParams(0.8, 0, 1.0, seed), chars)
-            tokens: list[int] = []
-            try:
-                async for token, _, _ in stream:
-                    tokens.append(token)
-            except ServeError as error:  # reported as INCOMPLETE by the caller, with the first reason
-                failures.append(str(error))
-            return tokens
-
-        failures: list[str] = []
-
         start = time.perf_counter()
         tokens = await asyncio.gather(*(one(seed) for seed in range(streams)))
-        if failures:
-            print(f"engine: {len(failures)} streams failed, the first with: {failures[0]}")
-        return time.perf_counter() - start, tokens
+        seconds = time.perf_counter() - start
     finally:
         await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+    if failures:
+        print(f"engine: {len(failures)} streams failed, the first with: {failures[0]}")
+    return seconds, tokens
 
 
 def main(argv: list[str] | None = None) -> int:
