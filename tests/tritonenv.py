@@ -33,9 +33,13 @@ def triton_python() -> Path:
     pytest.skip(message)
 
 
-def run_tritonside(script: str, *args: str, timeout: float = 120) -> Any:
-    """Run tests/tritonside/SCRIPT with the triton environment's Python; return its stdout parsed as JSON."""
+def run_tritonside(script: str, *args: str, stdin: Any = None, timeout: float = 120) -> Any:
+    """Run tests/tritonside/SCRIPT with the triton environment's Python; return its stdout parsed as JSON.
+
+    STDIN, when given, is sent to the script as JSON.
+    """
     proc = subprocess.run([str(triton_python()), str(SCRIPTS / script), *args], cwd=ROOT,
+                          input=None if stdin is None else json.dumps(stdin),
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"tritonside/{script} {' '.join(args)} exited {proc.returncode}\n"
