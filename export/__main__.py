@@ -70,8 +70,9 @@ def export(run_dir: Path, out: Path | None = None, triton_repo: Path | None = No
     write_atomically(out, data)
     print(f"wrote {out} ({len(data) / 1024:.0f} KiB); all checks within {TOLERANCE:g}")
     if triton_repo is not None:
+        meta = {p.key: p.value for p in proto.metadata_props}
         try:
-            config, copy = write_repository(triton_repo, TritonModel.of(proto, triton_name), data)
+            config, copy = write_repository(triton_repo, TritonModel.of(meta, triton_name), data)
         except OSError as exc:
             print(f"export: error: cannot write the Triton repository {triton_repo}: {exc}", file=sys.stderr)
             return 2

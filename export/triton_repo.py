@@ -8,22 +8,22 @@ is the state_out of the sequence's previous request, zeros at the sequence's sta
 input_ids, with the sequence_id / sequence_start / sequence_end parameters. The model needs no control
 inputs (START, READY, END, CORRID): the state is its only recurrence, and the zero initial state is all
 that a start means to it. state_out is also listed as an output, the way that document says a client
-may ask for the state.
+may ask for the state (the onnxruntime backend then returns it as well as keeping it).
 
-The configuration is a function of the ONNX contract's sizes alone (export/contract.py), so anything
-that has the file can rebuild it. Written by hand in protobuf text format; the suite parses it with
-the ModelConfig message tritonclient ships and checks each field against the ONNX file. No Triton can
-run on our machines, so nothing here proves that Triton loads it.
+The configuration is a function of the model's name and the sizes in the file's metadata_props alone
+(export/contract.py), so anything that has the file, a server too, can rebuild it. It is written by
+hand in protobuf text format; the suite parses it with the ModelConfig message tritonclient ships and
+checks each field against the ONNX graph. No Triton can run on our machines, so nothing here proves
+that Triton loads it.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import onnx
 
 from export.contract import INPUTS, OUTPUTS
 from export.files import write_atomically
@@ -50,8 +50,8 @@ class TritonModel:
     state_size: int
 
     @classmethod
-    def of(cls, proto: onnx.ModelProto, name: str) -> TritonModel:
-        meta = {p.key: p.value for p in proto.metadata_props}
+    def of(cls, meta: Mapping[str, str], name: str) -> TritonModel:
+        """From the file's metadata_props (as onnx or onnxruntime's custom_metadata_map gives them)."""
         return cls(name=name, vocab_size=len(json.loads(meta["vocab"])), num_layers=int(meta["num_layers"]),
                    state_size=int(meta["state_size"]))
 

@@ -86,7 +86,8 @@ def test_export_writes_the_repository(text_runs, tmp_path):
 def test_every_cell_matches_its_file(text_runs, tmp_path):
     paths = []
     for cell, run in text_runs.items():
-        model = TritonModel.of(onnx.load(str(run / "model.onnx")), f"charrnn-{cell}")
+        meta = {p.key: p.value for p in onnx.load(str(run / "model.onnx")).metadata_props}
+        model = TritonModel.of(meta, f"charrnn-{cell}")
         paths.append(tmp_path / f"{cell}.pbtxt")
         paths[-1].write_text(config_pbtxt(model), encoding="utf-8")
     configs = run_tritonside("parse_config.py", *map(str, paths))
