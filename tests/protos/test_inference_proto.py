@@ -1,7 +1,8 @@
 """protos/inference is wire-compatible with what tritonclient ships: same names, numbers and types.
 
-Our files are compiled here with grpc_tools.protoc into a descriptor set (nothing is generated into the
-tree); tritonclient's descriptors come from .venv-triton (tests/tritonenv.py). Every message, enum and
+protos/inference/grpc_service.proto is compiled here with grpc_tools.protoc, under the -I mapping the
+Makefile's protos target uses, into a descriptor set (nothing is generated into the tree); tritonclient's
+descriptors come from .venv-triton (tests/tritonenv.py). Every message, enum and
 rpc we define is compared with tritonclient's, and messages built from our definitions are read by
 tritonclient's classes and written back.
 """
@@ -21,7 +22,7 @@ from tritonenv import run_tritonside
 from export.triton_repo import TritonModel, config_pbtxt
 
 FieldType = descriptor_pb2.FieldDescriptorProto
-# The one message we keep only part of (protos/inference/model_config.proto says why); every other
+# The one message we keep only part of (protos/inference/grpc_service.proto says why); every other
 # message, every enum and every rpc we define must equal tritonclient's exactly.
 PARTIAL = {"inference.ModelConfig"}
 RPCS = {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
@@ -31,8 +32,8 @@ RPCS = {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetad
 @pytest.fixture(scope="module")
 def ours(tmp_path_factory) -> descriptor_pb2.FileDescriptorSet:
     out = tmp_path_factory.mktemp("inference") / "inference.pb"
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-Iprotos", f"--descriptor_set_out={out}",
-                    "--include_imports", "protos/inference/grpc_service.proto"],
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-Iserve/pb=protos",
+                    f"--descriptor_set_out={out}", "protos/inference/grpc_service.proto"],
                    cwd=ROOT, check=True, capture_output=True)
     return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
 

@@ -1,6 +1,7 @@
 """Parse messages with tritonclient's classes and write them back: one side of a wire round trip.
 
-    echo '[{"type": "inference.ModelInferRequest", "data": "<base64>"}]' | .venv-triton/bin/python tests/tritonside/wire.py
+    echo '[{"type": "inference.ModelInferRequest", "data": "BASE64"}]' \
+        | .venv-triton/bin/python tests/tritonside/wire.py
 
 Reads a JSON list from stdin, each entry a message's full name and its serialized bytes (base64);
 prints a JSON list, each entry the message as tritonclient reads it (protobuf's JSON mapping, proto
