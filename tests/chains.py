@@ -35,7 +35,7 @@ class ChainClient:
     def step(self, state: bytes, text: str):
         for attempt in range(20):
             try:
-                return self.stub.Step(self.pb.StepRequest(state=state, text=text), timeout=10)
+                return self.stub.Step(self.pb.StepRequest(state=state, text=text), timeout=20)
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
