@@ -139,6 +139,29 @@ def test_containers_run_as_the_non_root_user_and_serve_mounts_the_volume_read_on
     assert touch.returncode != 0 and "Read-only file system" in touch.stderr
 
 
+def test_the_images_run_under_the_kubernetes_security_context(deployment, docker, images):
+    """deploy/kubernetes runs every pod with a read-only root file system, no capabilities, no privilege
+    escalation and an emptyDir at /tmp: the same here, for train and export, then for serve."""
+    restricted = ["--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+                  "--user", f"{UID}:{UID}"]
+    name = f"{deployment.name}-restricted"
+    try:
+        # A fresh named volume takes the image's /artifacts (owned by the user), as fsGroup makes a PVC.
+        docker.run("run", "--rm", *restricted, "--volume", f"{name}:/artifacts", f"charrnn-train:{images.tag}",
+                   "sh", "-c", "python -m train --out /artifacts --corpus default --cell rnn --layers 1 --hidden 8 "
+                   "--time-budget 1 && python -m export /artifacts", timeout=180)
+        docker.run("run", "--detach", "--name", name, *restricted, "--volume", f"{name}:/artifacts:ro",
+                   f"charrnn-serve:{images.tag}")
+        deadline = time.monotonic() + 90
+        while docker.run("exec", name, "python", "-m", "serve.healthcheck", check=False).returncode != 0:
+            state = docker.inspect(name)["State"]
+            assert state["Running"] and time.monotonic() < deadline, (state, docker.run("logs", name).stderr)
+            time.sleep(1)
+    finally:
+        docker.run("rm", "--force", name, check=False)
+        docker.run("volume", "rm", "--force", name, check=False)
+
+
 def steps_logged(docker, container: str) -> int:
     """Step calls a server logged (one line per RPC)."""
     logs = docker.run("logs", container).stderr
