@@ -152,6 +152,9 @@ def test_serving_pods_agree_with_compose_and_the_dockerfile(overlay):
     pause = serve["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert spec["terminationGracePeriodSeconds"] > pause + grace
     assert float(compose["stop_grace_period"].rstrip("s")) > grace
+    # Pods created before the Job has exported wait for the file the server will load.
+    wait = container(spec, "wait-for-model", "initContainers")
+    assert wait["image"] == serve["image"] and f'"{variables["CHARRNN_MODEL"]}"' in wait["command"][-1]
     # The volume read-only, twice over (the claim and the mount).
     [artifacts] = [m for m in serve["volumeMounts"] if m["mountPath"] == "/artifacts"]
     assert artifacts["readOnly"] is True
