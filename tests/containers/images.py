@@ -65,7 +65,6 @@ class Images:
 
     tag: str
     lb: str
-    seconds: dict[str, float]
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
@@ -102,10 +101,9 @@ class Builder:
         self.docker = docker
         self.cache = cache
         self.say = say
-        self.seconds: dict[str, float] = {}
         cache.mkdir(parents=True, exist_ok=True)
 
-    def build(self, label: str, dockerfile: Path, tag: str, context: Path = ROOT, timeout: float = 900,
+    def build(self, dockerfile: Path, tag: str, context: Path = ROOT, timeout: float = 900,
               **args: str) -> None:
         start = time.monotonic()
         build_args = [f"--build-arg={name}={value}" for name, value in args.items()]
@@ -115,8 +113,7 @@ class Builder:
                         *build_args, str(context), timeout=timeout, env={"DOCKER_BUILDKIT": "0"})
         # The image this tag named before, now untagged: gigabytes per code change if left.
         self.docker.run("image", "prune", "--force", f"--filter=label={LABEL}", timeout=300)
-        self.seconds[label] = time.monotonic() - start
-        self.say(f"built {tag} in {self.seconds[label]:.1f} s"
+        self.say(f"built {tag} in {time.monotonic() - start:.1f} s"
                  + (f" (BASE_IMAGE={args['BASE_IMAGE']})" if "BASE_IMAGE" in args else ""))
 
     def usable(self, image: str) -> bool:
@@ -149,8 +146,7 @@ class Builder:
                                check=True, timeout=300)
                 partial_tar.replace(tar)  # only a complete tar is ever reused
         self.docker.run("import", str(tar), image, timeout=300)
-        self.seconds[f"debian {release}"] = time.monotonic() - start
-        self.say(f"imported {image} in {self.seconds[f'debian {release}']:.1f} s ({tar})")
+        self.say(f"imported {image} in {time.monotonic() - start:.1f} s ({tar})")
         return image
 
     def standin(self, kind: str, release: str, instead_of: str) -> str:
@@ -160,7 +156,7 @@ class Builder:
         base = self.debian(release)
         with tempfile.TemporaryDirectory() as context:
             shutil.copy(CA_BUNDLE, Path(context) / CA_BUNDLE.name)  # pip in later builds needs this machine's CAs
-            self.build(f"stand-in {kind}", STANDIN / f"{kind}.Dockerfile", image, Path(context), BASE=base)
+            self.build(STANDIN / f"{kind}.Dockerfile", image, Path(context), BASE=base)
         return image
 
     def base(self, image: str, kind: str, release: str) -> str:
@@ -188,9 +184,9 @@ def build_images(docker: Docker, tag: str, lb_default: str, say: Callable[[str],
     assert dockerfile_base(train_file) == python, "the train and serve images share a base"
     release = python.rsplit("-", 1)[-1]  # python:3.11.13-slim-bookworm -> bookworm
     base = builder.base(python, "python", release)
-    builder.build("serve image", serve_file, f"charrnn-serve:{tag}", BASE_IMAGE=base)
+    builder.build(serve_file, f"charrnn-serve:{tag}", BASE_IMAGE=base)
     with serve_folder(builder.torch_wheelhouse(), say) as index:
         say(f"torch=={torch_pin()} from this machine's CPU wheel, served to the build at {index}")
-        builder.build("train image", train_file, f"charrnn-train:{tag}", BASE_IMAGE=base, TORCH_INDEX=index)
+        builder.build(train_file, f"charrnn-train:{tag}", BASE_IMAGE=base, TORCH_INDEX=index)
     lb = builder.base(lb_default, "nginx", release)
-    return Images(tag=tag, lb=lb, seconds=builder.seconds)
+    return Images(tag=tag, lb=lb)

@@ -3,8 +3,9 @@
 One compose project of the tests' own (a random `charrnn-test-*` name, so never the user's `charrnn`
 volume), ports published on 127.0.0.1 only (`CHARRNN_HOST_PORT=127.0.0.1:` lets the engine pick a
 free one), the seconds-long smoke settings of docs/deployment.md. The tests below run in file order
-on that one deployment: the default profile first, then the scale profile added to it, then
-`docker compose down -v`; the fixture takes everything down whatever happened.
+on that one deployment: the default profile first, then the scale profile added to it (a replica
+killed, then a new model rolled out), then `docker compose down -v`; the fixture takes everything
+down whatever happened.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -27,7 +29,8 @@ from support import ROOT
 from serve.pb.charrnn.v1 import charrnn_pb2 as pb
 from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 
-pytestmark = pytest.mark.containers
+# The first test also waits for the session's image builds (about 3 minutes on a cold cache here).
+pytestmark = [pytest.mark.containers, pytest.mark.timeout(900)]
 
 UID = "10001"  # the user the Dockerfiles create and run as
 LOOPBACK = "127.0.0.1:"  # a *_PORT setting of just an address: the engine picks a free port on it
@@ -35,8 +38,8 @@ SETTINGS = {**SMOKE_ENV, "CHARRNN_TRAIN_DEVICE": "cpu", "CHARRNN_HOST_PORT": LOO
             "CHARRNN_METRICS_HOST_PORT": LOOPBACK, "CHARRNN_LB_PORT": LOOPBACK}
 
 
-def up(project: Project, *args: str, say) -> float:
-    """`docker compose up --detach --wait` (healthchecks included); seconds it took."""
+def up(project: Project, *args: str, say: Callable[[str], None]) -> None:
+    """`docker compose up --detach --wait` (healthchecks included), timed."""
     start = time.monotonic()
     proc = project.compose("up", "--detach", "--wait", "--no-build", *args, timeout=420, check=False)
     seconds = time.monotonic() - start
@@ -44,7 +47,6 @@ def up(project: Project, *args: str, say) -> float:
         pytest.fail(f"docker compose up {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}\n"
                     f"{project.logs()}", pytrace=False)
     say(f"docker compose up {' '.join(args) or '(default profile)'}: healthy in {seconds:.1f} s")
-    return seconds
 
 
 @pytest.fixture(scope="module")
@@ -168,11 +170,17 @@ def steps_logged(docker, container: str) -> int:
     return len(re.findall(r"\bStep peer=\S+ OK\b", logs))
 
 
-def test_scale_profile_keeps_step_chains_whole_while_a_replica_is_killed(deployment, docker, say):
-    # Add the replicas and the balancer to the running deployment, without training again: a second
-    # train/export would give the replicas another model than the one `serve` already holds.
+@pytest.fixture(scope="module")
+def scaled(deployment, say) -> Project:
+    """The scale profile added to the running deployment, without training again: a second train and
+    export would give the replicas another model than the one `serve` already holds."""
     deployment.env["COMPOSE_PROFILES"] = "scale"
     up(deployment, "--no-deps", "serve-replica", "lb", say=say)
+    return deployment
+
+
+def test_scale_profile_keeps_step_chains_whole_while_a_replica_is_killed(scaled, docker, say):
+    deployment = scaled
     lb = deployment.address("lb", 50051)
     assert lb.startswith("127.0.0.1:")
     servers = [*deployment.containers("serve"), *deployment.containers("serve-replica")]
@@ -211,9 +219,10 @@ def model_shas(target: str, calls: int = 12) -> set[str]:
         return {stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=20).model_sha256 for _ in range(calls)}
 
 
-def test_a_new_model_rolls_out_as_the_docs_say(deployment, say):
+def test_a_new_model_rolls_out_as_the_docs_say(scaled, say):
     """docs/deployment.md: train and export again, then restart the servers; every server answers with
     the new model. (Restarting is what today's server needs; a server that reloads its file needs none.)"""
+    deployment = scaled
     lb = deployment.address("lb", 50051)
     [before] = model_shas(lb)
     start = time.monotonic()

@@ -98,7 +98,8 @@ def test_the_job_trains_then_exports_as_compose_does():
         assert [(m["name"], m["mountPath"]) for m in c["volumeMounts"] if m["name"] == "artifacts"] == \
             [("artifacts", "/artifacts")]
         assert not any(m.get("readOnly") for m in c["volumeMounts"] if m["name"] == "artifacts")
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
+              for v in spec["volumes"] if "persistentVolumeClaim" in v}
     assert claims == {"artifacts": "charrnn-artifacts"}
 
 
@@ -207,8 +208,9 @@ def test_image_tags_follow_the_project_version():
     for overlay in OVERLAYS:
         images = {c["image"] for d in render(overlay) if d["kind"] in ("Deployment", "Job")
                   for c in d["spec"]["template"]["spec"]["containers"]}
+        suffix = "-gpu" if "gpu" in overlay else ""
         assert {i for i in images if i.startswith("charrnn")} == \
-            {f"charrnn-serve{'-gpu' if 'gpu' in overlay else ''}:{tag}", f"charrnn-train{'-gpu' if 'gpu' in overlay else ''}:{tag}"}
+            {f"charrnn-serve{suffix}:{tag}", f"charrnn-train{suffix}:{tag}"}
     version = project_version()
     if version is None:
         pytest.skip("no CHANGELOG.md with the project version yet: the tag is checked against it once it lands")
@@ -228,7 +230,8 @@ def test_the_disruption_budget_and_the_autoscaler_govern_the_serving_pods():
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "charrnn-serve"}
     assert hpa["minReplicas"] >= 2, "one pod may be drained while another serves"
     assert "replicas" not in one("base", "Deployment", "charrnn-serve")["spec"], "the autoscaler owns the count"
-    assert one("overlays/larger", "HorizontalPodAutoscaler", "charrnn-serve")["spec"]["minReplicas"] > hpa["minReplicas"]
+    larger = one("overlays/larger", "HorizontalPodAutoscaler", "charrnn-serve")["spec"]
+    assert larger["minReplicas"] > hpa["minReplicas"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
