@@ -195,6 +195,7 @@ def test_scale_profile_keeps_step_chains_whole_while_a_replica_is_killed(scaled,
         for name in servers[1:]:  # the replicas are reached only through the balancer
             assert logged[name] > 0, (logged, deployment.logs("lb"))
         victim = deployment.containers("serve-replica")[0]
+        [victim_ip] = [n["IPAddress"] for n in docker.inspect(victim)["NetworkSettings"]["Networks"].values()]
 
         def kill_a_replica(k: int) -> None:
             if k == KILL_AT:
@@ -210,6 +211,11 @@ def test_scale_profile_keeps_step_chains_whole_while_a_replica_is_killed(scaled,
     assert all(len(text) == len(first) + STEPS for text, first in zip(survived, CHAINS))
     killed = docker.inspect(victim)["State"]
     assert killed["ExitCode"] == 137 or not killed["Running"], killed
+    # nginx did meet the dead replica (and moved its calls on): its error log names the address.
+    [lb_container] = deployment.containers("lb")
+    errors = [line for line in docker.run("logs", lb_container).stderr.splitlines() if f"{victim_ip}:50051" in line]
+    assert errors, deployment.logs("lb")
+    say(f"nginx on the killed replica: {errors[0].split('] ', 1)[-1][:160]}")
 
 
 def model_shas(target: str, calls: int = 12) -> set[str]:
