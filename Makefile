@@ -8,7 +8,7 @@ TRITON_STAMP := $(TRITON_VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo
 DEMO_BUDGET ?= 180
 
-.PHONY: install test test-slow demo protos clean
+.PHONY: install test test-slow test-containers demo protos clean
 
 NODE_STAMP := clients/node/node_modules/.package-lock.json
 
@@ -42,6 +42,12 @@ test: install
 # The long runs the default suite leaves out (pyproject's addopts deselect `slow`): e.g. 2500 fuzz examples.
 test-slow: install
 	$(BIN)/python -m pytest -m slow
+
+# Real images and containers on a Docker engine (tests/containers/): builds the CPU images (on local
+# Debian stand-ins where no registry is reachable), `docker compose up`, calls through the published
+# ports, the scale profile with a replica killed, `down -v`. Skips without an engine, fails under CI=true.
+test-containers: install
+	$(BIN)/python -m pytest -m containers tests/containers
 
 # train (short) -> export -> start the server on a free port -> stream a sample through the client -> stop.
 demo: install

@@ -3,7 +3,10 @@
 #
 #   docker build -f docker/serve.Dockerfile -t charrnn-serve .
 #   docker run -v charrnn_artifacts:/artifacts:ro -p 50051:50051 charrnn-serve
-FROM python:3.11.13-slim-bookworm
+# The base is a build argument so CI can build on a local stand-in of the same Debian release
+# when no registry is reachable (tests/containers/images.py); the default is the image users get.
+ARG BASE_IMAGE=python:3.11.13-slim-bookworm
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
