@@ -98,9 +98,11 @@ def process_tree(pid: int) -> list[int]:
 
 
 def is_engine_process(pid: int) -> bool:
-    """Whether pid runs an engine (serve/engine_process.py, or bench/model_skipped.py's stand-in)."""
+    """Whether pid runs an engine (serve/process/, or bench/model_skipped.py's stand-in). The module's
+    name before the layout of issue 12 still counts, so that a run can measure a checkout from before it."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"serve.engine_process" in argv or ENGINE_CHILD.encode() in argv
+    return bool({b"serve.process.proxy", b"serve.process.child", b"serve.engine_process",
+                 ENGINE_CHILD.encode()} & set(argv))

@@ -20,7 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from harness import ENGINE_CHILD  # noqa: E402  (how this script starts itself as the engine process)
-from serve import engine_process, runtime  # noqa: E402
+from serve.engine import runtime  # noqa: E402
+from serve.process import proxy as engine_process  # noqa: E402
 _real_step = runtime.Runtime.step
 _first: dict[int, np.ndarray] = {}
 

@@ -85,7 +85,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def rpc(handler: F) -> F:
     """Decorates a CharRNN servicer method (coroutine or async generator): admission, errors, one log line.
 
-    The servicer provides `gate` (serve/admission.py) and `metrics` (serve/metrics.py). A call the gate
+    The servicer provides `gate` (serve/api/admission.py) and `metrics` (serve/ops/metrics.py). A call the gate
     refuses ends at once with its status. A call that shutdown cuts (gate.abort_reason set, its task
     cancelled) ends with UNAVAILABLE and that reason instead of a bare CANCELLED.
     """

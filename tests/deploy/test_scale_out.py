@@ -82,7 +82,7 @@ def start_server(model: Path, log: Path) -> tuple[subprocess.Popen, int]:
 
 
 def wait_serving(target: str, limit: float = 30) -> None:
-    from serve.healthcheck import check
+    from serve.tools.healthcheck import check
 
     deadline = time.monotonic() + limit
     while not check(target, timeout=2)[0]:
@@ -94,7 +94,7 @@ class ChainClient:
     """Step chains through one channel; retries UNAVAILABLE (counted), any other error fails the test."""
 
     def __init__(self, target: str) -> None:
-        from serve.pb.charrnn.v1 import charrnn_pb2, charrnn_pb2_grpc
+        from serve.api.pb.charrnn.v1 import charrnn_pb2, charrnn_pb2_grpc
 
         self.pb = charrnn_pb2
         self.channel = grpc.insecure_channel(target)

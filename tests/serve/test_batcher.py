@@ -9,9 +9,9 @@ import grpc
 import numpy as np
 import pytest
 
-from serve.batcher import MAX_CALL_CHARS, Engine, Finish, SamplingParams, _group
+from serve.engine.scheduler import MAX_CALL_CHARS, Engine, Finish, SamplingParams, _group
 from serve.errors import EngineFailure, status_of
-from serve.runtime import Runtime
+from serve.engine.runtime import Runtime
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from live import LiveServer, serve_model
 
-from serve import wire
-from serve.pb.charrnn.v1 import charrnn_pb2 as pb
-from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from serve.process import records as wire
+from serve.process.proxy import CHILD
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_a_dead_engine_process_fails_what_was_in_flight_and_is_replaced(text_mod
 
 
 def _settings(model: Path):
-    from serve.settings import Settings
+    from serve.ops.settings import Settings
 
     return dataclasses.replace(Settings(model=str(model), device="cpu"), max_chars=10_000)
 
@@ -172,7 +173,7 @@ def _engine_children() -> list[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat[1]) == os.getpid() and b"serve.engine_process" in cmdline and stat[0] != "Z":
+        if int(stat[1]) == os.getpid() and CHILD[-1].encode() in cmdline and stat[0] != "Z":
             found.append(int(entry))
     return found
 
@@ -181,7 +182,7 @@ def test_a_server_that_cannot_bind_stops_its_engine_process(text_model):
     import asyncio
     import socket
 
-    from serve.server import create_server
+    from serve.ops.server import create_server
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -218,8 +219,8 @@ def test_a_small_window_still_resumes_a_reader_that_caught_up(text_model):
     """The engine learns of the reader's progress when the reader waits, whatever the window."""
     import asyncio
 
-    from serve.batcher import SamplingParams
-    from serve.engine_process import ProcessEngine
+    from serve.engine.scheduler import SamplingParams
+    from serve.process.proxy import ProcessEngine
 
     async def run() -> int:
         engine = ProcessEngine(str(text_model), "cpu", window=40)

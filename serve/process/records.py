@@ -1,4 +1,4 @@
-"""The records between the server process and its engine process (serve/engine_process.py).
+"""The records between the server process and its engine process (serve/process/proxy.py).
 
 Each record is `u32 length, one kind byte, payload` on a pipe. The per-step record (CHARS) is packed
 by hand: it is the hot path, one per onnxruntime step call, carrying every row's character. Everything

@@ -5,11 +5,11 @@ Why: in one process the engine thread and the event loop take turns on one GIL. 
 its turn, and even with the model call skipped one stream got only a third of the transport ceiling.
 With the engine here the server process keeps only gRPC and delivery, and the two run side by side.
 
-    server process                               engine process (python -m serve.engine_process)
+    server process                               engine process (python -m serve.process.proxy)
     ProcessEngine.generate/predict  -- stdin ->  read between steps by the Engine's step loop (one thread)
     Stream deques, waiters, futures <- stdout -- one CHARS record per step
 
-The records are in serve/wire.py. The engine process ignores SIGINT/SIGTERM (a terminal's Ctrl-C
+The records are in serve/process/records.py. The engine process ignores SIGINT/SIGTERM (a terminal's Ctrl-C
 reaches the whole process group; the server drains and then stops the engine) and exits when its
 stdin closes, so it never outlives the server. If it dies, the server fails what was in flight with
 UNAVAILABLE, starts a new one, and serves again once that is ready.
@@ -32,15 +32,16 @@ from typing import Any
 
 import numpy as np
 
-from serve import sampling, wire
-from serve.batcher import _STOP, Engine, Finish, SamplingParams, Stream, _fail, _Job, _resolve
+from serve.engine import sampling
+from serve.process import records as wire
+from serve.engine.scheduler import _STOP, Engine, Finish, SamplingParams, Stream, _fail, _Job, _resolve
 from serve.errors import DeviceError, EngineFailure, ModelError, ServeError, Unavailable
-from serve.metrics import Metrics
-from serve.runtime import ModelSpec, Runtime
+from serve.ops.metrics import Metrics
+from serve.engine.runtime import ModelSpec, Runtime
 
 log = logging.getLogger(__name__)
 
-CHILD = [sys.executable, "-m", "serve.engine_process"]  # bench/model_skipped.py swaps in its own
+CHILD = [sys.executable, "-m", "serve.process.proxy"]  # bench/model_skipped.py swaps in its own
 _FINISH = tuple(Finish)
 _ERRORS: dict[str, type[ServeError]] = {cls.__name__: cls for cls in (EngineFailure, Unavailable, ModelError,
                                                                        DeviceError)}
@@ -591,7 +592,7 @@ class _ChildEngine(Engine):
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="charrnn's engine process; started by `python -m serve`, talks "
-                                            "records (serve/wire.py) on stdin and stdout")
+                                            "records (serve/process/records.py) on stdin and stdout")
     p.add_argument("--model", required=True)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1)

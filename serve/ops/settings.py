@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from serve.loops import CHOICES as LOOPS
+from serve.ops.loops import CHOICES as LOOPS
 
 PREFIX = "CHARRNN_"
 

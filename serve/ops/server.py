@@ -21,18 +21,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from serve.admission import Gate
-from serve.batcher import Engine
-from serve.engine_process import ProcessEngine
+from serve.api.admission import Gate
+from serve.engine.scheduler import Engine
+from serve.process.proxy import ProcessEngine
 from serve.errors import ConfigError, DeviceError, EngineFailure, ModelError
-from serve.loops import loop_factory
-from serve.metrics import Metrics
-from serve.pb.charrnn.v1 import charrnn_pb2 as pb
-from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
-from serve.runtime import Runtime
-from serve.service import CharRNNService
-from serve.servicer import CharRNNServicer
-from serve.settings import Settings
+from serve.ops.loops import loop_factory
+from serve.ops.metrics import Metrics
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from serve.engine.runtime import Runtime
+from serve.service.charrnn import CharRNNService
+from serve.api.servicer import CharRNNServicer
+from serve.ops.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
 def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server, int]:
     """Loads and checks the model, binds the port (and the metrics port); call `await server.start()`.
 
-    reuse_port: bind with SO_REUSEPORT, for `--workers` processes sharing one port (serve/workers.py).
+    reuse_port: bind with SO_REUSEPORT, for `--workers` processes sharing one port (serve/ops/workers.py).
 
     Raises ModelError / DeviceError when the model or the device cannot be used, ConfigError for a
     bad TLS file.

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from serve.errors import ResourceExhausted, Unauthenticated, Unavailable
-from serve.metrics import Metrics
+from serve.ops.metrics import Metrics
 
 AUTH_HEADER = "authorization"
 

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serve import sampling
-from serve.batcher import Engine, SamplingParams, Stream
-from serve.codec import StateCodec
-from serve.engine_process import ProcessEngine
+from serve.engine import sampling
+from serve.engine.scheduler import Engine, SamplingParams, Stream
+from serve.service.state_codec import StateCodec
+from serve.process.proxy import ProcessEngine
 from serve.errors import InvalidArgument
-from serve.runtime import ModelSpec
+from serve.engine.runtime import ModelSpec
 
 MAX_STOPS = 16        # each stop string is checked after every character: bound the per-character work
 MAX_STOP_CHARS = 256

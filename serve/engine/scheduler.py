@@ -10,7 +10,7 @@ and, once per onnxruntime call, hands the loop what needs it (streams whose cons
 results, failures) through an outbox, waking the loop (`call_soon_threadsafe`) only when it is not
 already due to drain it. So the loop sends step k's characters while the worker computes step k+1.
 Knows nothing about gRPC. With `--engine process` (the default) this same Engine runs in a process of
-its own (serve/engine_process.py), its deliveries turned into records on a pipe.
+its own (serve/process/proxy.py), its deliveries turned into records on a pipe.
 
 Each engine iteration:
   1. Predict/Step jobs: grouped by text length, one call per group (seq = length); while streams are
@@ -39,10 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from serve import sampling
+from serve.engine import sampling
 from serve.errors import EngineFailure, ServeError, Unavailable
-from serve.metrics import Metrics
-from serve.runtime import Runtime
+from serve.ops.metrics import Metrics
+from serve.engine.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

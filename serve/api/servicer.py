@@ -6,14 +6,14 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from serve.admission import Gate
-from serve.batcher import Finish
+from serve.api.admission import Gate
+from serve.engine.scheduler import Finish
 from serve.errors import rpc
-from serve.metrics import Metrics
-from serve.pb.charrnn.v1 import charrnn_pb2 as pb
-from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
-from serve.runtime import PROVENANCE
-from serve.service import CharRNNService, Prediction
+from serve.ops.metrics import Metrics
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from serve.engine.runtime import PROVENANCE
+from serve.service.charrnn import CharRNNService, Prediction
 
 _FINISH = {Finish.NONE: pb.FINISH_REASON_UNSPECIFIED, Finish.LENGTH: pb.FINISH_REASON_LENGTH,
            Finish.STOP: pb.FINISH_REASON_STOP}
