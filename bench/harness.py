@@ -104,5 +104,5 @@ def is_engine_process(pid: int) -> bool:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return bool({b"serve.process.proxy", b"serve.process.child", b"serve.engine_process",
+    return bool({b"serve.process.child", b"serve.engine_process",
                  ENGINE_CHILD.encode()} & set(argv))

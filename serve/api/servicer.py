@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from serve.api.admission import Gate
-from serve.engine.scheduler import Finish
+from serve.engine.protocol import Finish
 from serve.errors import rpc
 from serve.ops.metrics import Metrics
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb

@@ -1,18 +1,11 @@
-"""The engine: continuous batching of every stream's next character into one onnxruntime call.
+"""Where batching happens: continuous batching of every stream's next character into one onnxruntime call.
 
-Where the state lives: a Generate stream's recurrent state sits in a row of its step batch's
-device state (numpy on CPU, an OrtValue on CUDA) while it is being stepped, and in `Stream.state`
-(host) only while it waits outside a batch. Predict and Step carry their own host state.
+The scheduler runs in one thread, owns the runtime, and reaches the world through two seams: an
+`Inbox` it takes new work from, and a `Sink` it hands characters, results and failures to. The thread
+engine (serve/engine/thread.py) gives it a queue and the event loop; the engine process
+(serve/process/child.py) gives it the pipe from the server and the pipe back. Knows nothing about gRPC.
 
-Threads: one worker thread owns the runtime and runs everything here; the asyncio loop only
-enqueues work and consumes results. The worker appends each character straight to its stream's deque
-and, once per onnxruntime call, hands the loop what needs it (streams whose consumer waits, Predict/Step
-results, failures) through an outbox, waking the loop (`call_soon_threadsafe`) only when it is not
-already due to drain it. So the loop sends step k's characters while the worker computes step k+1.
-Knows nothing about gRPC. With `--engine process` (the default) this same Engine runs in a process of
-its own (serve/process/proxy.py), its deliveries turned into records on a pipe.
-
-Each engine iteration:
+Each iteration:
   1. Predict/Step jobs: grouped by text length, one call per group (seq = length); while streams are
      stepping, one-character jobs instead ride in step 3's call as extra rows (host state only).
   2. New Generate streams: prompts grouped by length, one call per group (seq = prompt length),
@@ -25,156 +18,46 @@ A stream whose consumer lags `window` characters behind sits out (parked) until 
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import enum
 import logging
-import queue
-import secrets
-import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from serve.engine import sampling
-from serve.errors import EngineFailure, ServeError, Unavailable
-from serve.ops.metrics import Metrics
+from serve.engine.protocol import Finish, StepMetrics
 from serve.engine.runtime import Runtime
+from serve.engine.stream import Job, Result, Stop, Stream
+from serve.errors import EngineFailure, ServeError, Unavailable
 
 log = logging.getLogger(__name__)
 
-
-class Finish(enum.IntEnum):
-    """Why a stream ended (NONE on every character but the last)."""
-
-    NONE = 0
-    LENGTH = 1
-    STOP = 2
+Work = Stream | Job | Stop
+JobOutcome = tuple[Job, Result | None, BaseException | None]  # (job, its result, or the error it failed with)
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0            # 0 = off
-    top_p: float = 1.0        # 1 = off
-    seed: int | None = None   # None = a fresh random seed
+class Inbox(Protocol):
+    def get(self, timeout: float | None) -> list[Work] | None:
+        """What arrived, waiting up to timeout seconds (None: until something comes, 0: not at all);
+        None when nothing did (an empty list: something came that holds no new work)."""
+
+    def leftovers(self) -> list[Work]:
+        """After a Stop: what was still queued behind it."""
 
 
-class Stream:
-    """One Generate request inside the engine. On the loop: `pop()` the next (token, logprob, finish),
-    `await wait()` when there is none yet, or simply iterate it.
+class Sink(Protocol):
+    """Where the scheduler's output goes; called on the scheduler's thread."""
 
-    The engine `push`es straight into a deque (append and popleft are atomic) and wakes the loop only
-    for streams whose consumer is waiting, so a consumer that keeps up with a faster engine costs no
-    cross-thread call at all. Loop side: `consumed`, `cancelled`, `failure`, the waiter and the popping
-    end of the deque; engine side: everything else.
-    """
+    def chars(self, rows: list[Stream], tokens: list[int], logprobs: np.ndarray, finishes: list[Finish]) -> None:
+        """One character for each row (stream rows[i] got tokens[i]); `Stream.done` is already set."""
 
-    def __init__(self, prompt: np.ndarray, params: SamplingParams, max_chars: int, stops: Sequence[str],
-                 vocab: Sequence[str]) -> None:
-        self.prompt = prompt
-        self.params = params
-        self.seed = params.seed if params.seed is not None else secrets.randbits(64)
-        self.generator = np.random.default_rng(self.seed)
-        self.max_chars = max_chars
-        self.stops = tuple(stops)
-        self._stop_len = max((len(s) for s in self.stops), default=0)
-        self._vocab = vocab
-        self.tail = ""
-        self._items: collections.deque[tuple[int, float, Finish]] = collections.deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self.produced = 0
-        self.consumed = 0
-        self.cancelled = False
-        self.failure: BaseException | None = None  # loop side: set when the engine fails the stream
-        self.parked = False  # engine side: sitting out until the consumer catches up
-        self.done = False
-        self.token = -1
-        self.state: np.ndarray | None = None
-        self._ended = False  # loop side: the last item has been handed out
+    def results(self, outcomes: list[JobOutcome]) -> None: ...
 
-    def emitted(self, token: int) -> Finish:
-        """Engine side: records one produced token and says whether the stream ends with it."""
-        self.produced += 1
-        self.token = token
-        finish = Finish.NONE
-        if self._stop_len:
-            self.tail = (self.tail + self._vocab[token])[-self._stop_len:]
-            if any(self.tail.endswith(s) for s in self.stops):
-                finish = Finish.STOP
-        if not finish and self.produced >= self.max_chars:
-            finish = Finish.LENGTH
-        self.done = bool(finish)
-        return finish
+    def failed(self, streams: list[Stream], error: BaseException) -> None: ...
 
-    def close(self) -> None:
-        """Loop side: the consumer is gone; the engine drops the stream at its next step."""
-        self.cancelled = True
-
-    def pop(self) -> tuple[int, float, Finish] | None:
-        """Loop side: the next character, None if the engine has not produced it yet. Raises the
-        stream's failure, which overtakes the characters still queued."""
-        if self.failure is not None:
-            self._ended = True
-            raise self.failure
-        try:
-            item = self._items.popleft()
-        except IndexError:
-            return None
-        self.consumed += 1
-        return item
-
-    async def wait(self) -> None:
-        """Loop side: returns once `pop()` has something (a character or the failure) to hand out."""
-        if self._waiter is not None:
-            raise RuntimeError("a Stream has one consumer")
-        loop = asyncio.get_running_loop()
-        # A wake can arrive for an earlier wait whose characters were already taken: look again each time.
-        while not self._items and self.failure is None:
-            waiter = loop.create_future()
-            self._waiter = waiter  # publish first, then look again: `push` appends, then checks the waiter
-            try:
-                if not self._items and self.failure is None:
-                    await waiter
-            finally:
-                self._waiter = None
-
-    def push(self, item: tuple[int, float, Finish]) -> bool:
-        """Engine side (or whoever delivers): queues one character; True if the consumer waits for it
-        and must be woken on the loop (`wake`)."""
-        self._items.append(item)
-        return self._waiter is not None  # after the append: see `wait`
-
-    def wake(self) -> None:
-        """Loop side: ends a pending `wait()`."""
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def __aiter__(self) -> Stream:
-        return self
-
-    async def __anext__(self) -> tuple[int, float, Finish]:
-        if self._ended:
-            raise StopAsyncIteration
-        item = self.pop()
-        while item is None:
-            await self.wait()
-            item = self.pop()
-        self._ended = item[2] is not Finish.NONE
-        return item
-
-
-@dataclass
-class _Job:
-    """A Predict/Step request: feed ids from a host state, return all logits and the final state."""
-
-    ids: np.ndarray
-    state: np.ndarray | None
-    future: asyncio.Future[tuple[np.ndarray, np.ndarray]]
+    def flush(self) -> None:
+        """The end of an iteration: hand over whatever is still held back."""
 
 
 class _Batch:
@@ -187,9 +70,6 @@ class _Batch:
         self.generators = [s.generator for s in rows]
 
 
-_STOP = object()
-
-
 def row_params(rows: list[Stream]) -> sampling.RowParams:
     return sampling.RowParams(np.array([s.params.temperature for s in rows], dtype=np.float64),
                               np.array([s.params.top_k for s in rows], dtype=np.int64),
@@ -200,11 +80,13 @@ def row_params(rows: list[Stream]) -> sampling.RowParams:
 # this x vocab floats, so without a cap 256 concurrent 10,000-character prompts would ask for a gigabyte.
 MAX_CALL_CHARS = 65_536
 
+T = TypeVar("T")
 
-def _group(items: list[Any], length: Any, size: int) -> list[list[Any]]:
+
+def _group(items: list[T], length: Callable[[T], int], size: int) -> list[list[T]]:
     """Items with equal `length(item)`, in arrival order, in chunks of at most `size` rows and at most
     MAX_CALL_CHARS characters (a longer single item still gets a call of its own)."""
-    groups: dict[int, list[Any]] = {}
+    groups: dict[int, list[T]] = {}
     for item in items:
         groups.setdefault(length(item), []).append(item)
     chunks = []
@@ -214,103 +96,44 @@ def _group(items: list[Any], length: Any, size: int) -> list[list[Any]]:
     return chunks
 
 
-def _wake(streams: list[Stream]) -> None:
-    for stream in streams:
-        stream.wake()
+def _stop(items: Sequence[Work]) -> Stop | None:
+    for item in items:
+        if isinstance(item, Stop):
+            return item
+    return None
 
 
-def _fail(items: list[tuple[Stream, BaseException]]) -> None:
-    for stream, error in items:
-        stream.failure = error
-        stream.wake()
+def empty_prompt_logprobs(runtime: Runtime) -> np.ndarray:
+    """log of mean_c softmax(logits(zero state, c)): how an empty prompt's first char is drawn."""
+    vocab = len(runtime.spec.vocab)
+    ids = np.arange(vocab, dtype=np.int64).reshape(vocab, 1)
+    logits, _ = runtime.run(ids, runtime.zero_state(vocab))
+    probs = np.exp(sampling.log_softmax(logits[:, 0, :])).mean(axis=0)
+    return np.log(probs)
 
 
-def _resolve(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
-    for future, value, error in items:
-        if future.done():
-            continue
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
+class Scheduler:
+    """The batching loop over one runtime: `run()` until the inbox hands it a Stop."""
 
-
-class Engine:
-    """Owns the runtime; `start(loop)` runs the worker thread, `stop()` ends it."""
-
-    def __init__(self, runtime: Runtime, max_batch: int = 256, max_delay_us: int = 200,
-                 window: int = 1024, metrics: Metrics | None = None) -> None:
+    def __init__(self, runtime: Runtime, inbox: Inbox, sink: Sink, metrics: StepMetrics, max_batch: int = 256,
+                 max_delay_us: int = 200, window: int = 1024) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.runtime = runtime
-        self.spec = runtime.spec
-        self.vocab = runtime.spec.vocab
+        self.inbox = inbox
+        self.sink = sink
+        self.metrics = metrics
         self.max_batch = max_batch
         self.max_delay = max_delay_us / 1e6
         self.window = window
-        self.metrics = metrics if metrics is not None else Metrics()
-        self.first_logprobs = self._empty_prompt_logprobs()
-        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._outbox: collections.deque[tuple[Any, list[Any]]] = collections.deque()
-        self._wake_pending = False
-        self._stop_reason = "the server is shutting down"
-        self._stopping = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self.first_logprobs = empty_prompt_logprobs(runtime)
         self._active: list[Stream] = []
         self._rows: list[Stream] = []
         self._batches: list[_Batch] = []
         self.stats = {"step_calls": 0, "step_rows": 0, "prefill_calls": 0, "job_calls": 0, "rider_rows": 0,
                       "ort_seconds": 0.0}
 
-    def _empty_prompt_logprobs(self) -> np.ndarray:
-        """log of mean_c softmax(logits(zero state, c)): how an empty prompt's first char is drawn."""
-        vocab = len(self.vocab)
-        ids = np.arange(vocab, dtype=np.int64).reshape(vocab, 1)
-        logits, _ = self.runtime.run(ids, self.runtime.zero_state(vocab))
-        probs = np.exp(sampling.log_softmax(logits[:, 0, :])).mean(axis=0)
-        return np.log(probs)
-
-    # ---- loop side -------------------------------------------------------------------------------
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._thread = threading.Thread(target=self._run, name="charrnn-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self, reason: str = "the server is shutting down") -> None:
-        """Ends the worker; streams and jobs still in it fail with Unavailable(reason)."""
-        if self._thread is not None and self._thread.is_alive():
-            self._stop_reason = reason
-            self._stopping = True  # refuse new work before the worker drains the inbox for the last time
-            self._inbox.put(_STOP)
-            self._thread.join()
-
-    @property
-    def running(self) -> bool:
-        return not self._stopping and self._thread is not None and self._thread.is_alive()
-
-    def _check_running(self) -> None:
-        if not self.running:
-            raise Unavailable("the engine is not running")
-
-    def generate(self, prompt: np.ndarray, params: SamplingParams, max_chars: int,
-                 stops: Sequence[str] = ()) -> Stream:
-        """Registers a Generate stream; iterate the result for its characters, `close()` it when done."""
-        self._check_running()
-        stream = Stream(prompt, params, max_chars, stops, self.vocab)
-        self._inbox.put(stream)
-        return stream
-
-    async def predict(self, ids: np.ndarray, state: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Feeds ids [T] from state (None = zero state): logits [T, V] and the state after the last id."""
-        self._check_running()
-        assert self._loop is not None
-        future: asyncio.Future[tuple[np.ndarray, np.ndarray]] = self._loop.create_future()
-        self._inbox.put(_Job(ids, state, future))
-        return await future
-
-    # ---- worker side -----------------------------------------------------------------------------
-    def _run(self) -> None:
+    def run(self) -> None:
         stepped = False
         while True:
             if not self._active:
@@ -318,13 +141,15 @@ class Engine:
             else:
                 wait = 0.0 if stepped else 0.005  # all parked: poll until a consumer catches up
             items = self._receive(wait, idle=not self._active)
-            if any(item is _STOP for item in items):
-                self._shutdown(items)
+            stop = _stop(items)
+            if stop is not None:
+                self._shutdown(items, stop.reason)
+                self.sink.flush()
                 return
             try:
-                jobs = [i for i in items if isinstance(i, _Job)]
+                jobs = [i for i in items if isinstance(i, Job)]
                 fresh = [i for i in items if isinstance(i, Stream)]
-                riders: list[_Job] = []
+                riders: list[Job] = []
                 if self._active:  # one-character Predict/Step jobs ride along in the step call
                     riders = [j for j in jobs if len(j.ids) == 1]
                     jobs = [j for j in jobs if len(j.ids) != 1]
@@ -336,58 +161,44 @@ class Engine:
             except Exception:  # noqa: BLE001 - keep serving; fail only the requests in flight
                 log.exception("engine iteration failed")
                 self._active.extend(i for i in items if isinstance(i, Stream) and not i.done and i not in self._active)
-                self._fail_all([i for i in items if isinstance(i, _Job)], EngineFailure("model execution failed"))
+                self._fail_all([i for i in items if isinstance(i, Job)], EngineFailure("model execution failed"))
                 stepped = False
+            self.sink.flush()
 
-    def _receive(self, wait: float | None, idle: bool) -> list[Any]:
-        items: list[Any] = []
-        try:
-            items.append(self._inbox.get(timeout=wait) if wait != 0.0 else self._inbox.get_nowait())
-        except queue.Empty:
-            return items
-        if idle and self.max_delay > 0:  # starting from idle: give concurrent arrivals a moment
+    def _receive(self, wait: float | None, idle: bool) -> list[Work]:
+        """What arrived within `wait`; when idle, up to --max-delay-us more for concurrent arrivals
+        (so that they share their first call)."""
+        items = self.inbox.get(wait)
+        if items is None:
+            return []
+        stopped = _stop(items) is not None  # looked for in what each get returned: arrivals can be many
+        if idle and self.max_delay > 0:
             deadline = time.perf_counter() + self.max_delay
-            while len(items) < self.max_batch:
+            while len(items) < self.max_batch and not stopped:
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     break
-                try:
-                    items.append(self._inbox.get(timeout=left))
-                except queue.Empty:
+                more = self.inbox.get(left)
+                if more is None:
                     break
-        while True:
-            try:
-                items.append(self._inbox.get_nowait())
-            except queue.Empty:
-                return items
+                items += more
+                stopped = _stop(more) is not None
+        while not stopped:
+            more = self.inbox.get(0.0)
+            if more is None:
+                break
+            items += more
+            stopped = _stop(more) is not None
+        return items
 
-    def _post(self, callback: Any, payload: list[Any]) -> None:
-        """Hands results to the loop; wakes it (a syscall) only if it has not been woken already."""
-        self._outbox.append((callback, payload))
-        if not self._wake_pending:
-            self._wake_pending = True
-            assert self._loop is not None
-            try:
-                self._loop.call_soon_threadsafe(self._drain)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
-
-    def _drain(self) -> None:
-        """Loop side: runs everything posted so far (clear the flag first, then drain: no lost wake-up)."""
-        self._wake_pending = False
-        outbox = self._outbox
-        while outbox:
-            callback, payload = outbox.popleft()
-            callback(payload)
-
-    def _ort(self, call: Any, *args: Any) -> Any:
+    def _ort(self, call: Callable[..., T], *args: Any) -> T:
         start = time.perf_counter()
         result = call(*args)
         self.stats["ort_seconds"] += time.perf_counter() - start
         return result
 
-    def _run_jobs(self, jobs: list[_Job]) -> None:
-        jobs = [j for j in jobs if not j.future.cancelled()]
+    def _run_jobs(self, jobs: list[Job]) -> None:
+        jobs = [j for j in jobs if not j.cancelled()]
         for group in _group(jobs, lambda j: len(j.ids), self.max_batch):
             ids = np.stack([j.ids for j in group])
             state = self.runtime.zero_state(len(group))
@@ -398,10 +209,10 @@ class Engine:
                 logits, state_out = self._ort(self.runtime.run, ids, state)
             except Exception:  # noqa: BLE001
                 log.exception("onnxruntime failed on a Predict/Step batch")
-                self._post(_resolve, [(j.future, None, EngineFailure("model execution failed")) for j in group])
+                self.sink.results([(j, None, EngineFailure("model execution failed")) for j in group])
                 continue
             self.stats["job_calls"] += 1
-            self._post(_resolve, [(j.future, (logits[i], state_out[i]), None) for i, j in enumerate(group)])
+            self.sink.results([(j, (logits[i], state_out[i]), None) for i, j in enumerate(group)])
 
     def _admit(self, fresh: list[Stream]) -> None:
         waiting = len(fresh)
@@ -439,25 +250,20 @@ class Engine:
 
     def _sample_and_deliver(self, rows: list[Stream], logits: np.ndarray, params: sampling.RowParams,
                             uniforms: np.ndarray) -> bool:
+        """Samples one character per row and hands them to the sink; True if a stream ended."""
         tokens, logprobs = sampling.sample(logits, params, uniforms)
-        waiting = []
-        ended = False
-        for s, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
-            finish = s.emitted(token)
-            ended = ended or bool(finish)
-            if s.push((token, logprob, finish)):
-                waiting.append(s)
-        if waiting:
-            self._post(_wake, waiting)
-        return ended
+        chosen = tokens.tolist()
+        finishes = [s.emitted(t) for s, t in zip(rows, chosen)]
+        self.sink.chars(rows, chosen, logprobs, finishes)
+        return any(finishes)
 
-    def _step(self, riders: list[_Job] | None = None) -> bool:
+    def _step(self, riders: list[Job] | None = None) -> bool:
         """One character for every stream that may run; False when all of them are parked.
 
         riders: one-character Predict/Step jobs, added as extra rows to a step call whose state is on the
         host (CPU) while it has room; whatever does not fit gets a call of its own.
         """
-        riders = [j for j in riders or () if not j.future.cancelled()]
+        riders = [j for j in riders or () if not j.cancelled()]
         if any(s.cancelled for s in self._active):
             active = len(self._active)
             self._active = [s for s in self._active if not s.cancelled]
@@ -481,7 +287,7 @@ class Engine:
         for batch in self._batches:
             n = len(batch.rows)
             ids = np.fromiter((s.token for s in batch.rows), dtype=np.int64, count=n)
-            extra: list[_Job] = []
+            extra: list[Job] = []
             if riders and isinstance(batch.state, np.ndarray) and n < self.max_batch:
                 extra, riders = riders[: self.max_batch - n], riders[self.max_batch - n:]
             start = time.perf_counter()
@@ -493,7 +299,7 @@ class Engine:
             except Exception:  # noqa: BLE001 - fail this batch only; the other batches keep going
                 log.exception("onnxruntime failed on a step batch of %d", n + len(extra))
                 self._abandon(batch.rows)
-                self._post(_resolve, [(j.future, None, EngineFailure("model execution failed")) for j in extra])
+                self.sink.results([(j, None, EngineFailure("model execution failed")) for j in extra])
                 ended = True
                 continue
             seconds = time.perf_counter() - start
@@ -511,8 +317,7 @@ class Engine:
             self._active = [s for s in self._active if not s.done]
         return bool(rows)
 
-    def _step_with_riders(self, ids: np.ndarray, state: np.ndarray,
-                          extra: list[_Job]) -> tuple[np.ndarray, np.ndarray]:
+    def _step_with_riders(self, ids: np.ndarray, state: np.ndarray, extra: list[Job]) -> tuple[np.ndarray, np.ndarray]:
         """One call for the batch's rows plus the riders' rows; resolves the riders, returns the batch's part."""
         n = len(ids)
         zero = self.runtime.zero_state(1)[0]
@@ -520,8 +325,7 @@ class Engine:
         all_states = np.concatenate([state, np.stack([zero if j.state is None else j.state for j in extra])])
         logits, state_out = self.runtime.step(all_ids, all_states)
         self.stats["rider_rows"] += len(extra)
-        self._post(_resolve, [(j.future, (logits[n + i][None, :], state_out[n + i]), None)
-                              for i, j in enumerate(extra)])
+        self.sink.results([(j, (logits[n + i][None, :], state_out[n + i]), None) for i, j in enumerate(extra)])
         return logits[:n], state_out[:n]
 
     def _rebuild(self, rows: list[Stream]) -> None:
@@ -541,27 +345,21 @@ class Engine:
         """Ends these streams with EngineFailure; `_step` drops them (they are done) and re-forms batches."""
         for s in streams:
             s.done = True
-        self._post(_fail, [(s, EngineFailure("model execution failed")) for s in streams])
+        self.sink.failed(streams, EngineFailure("model execution failed"))
 
-    def _fail_all(self, jobs: list[_Job], error: ServeError) -> None:
-        self._post(_resolve, [(j.future, None, error) for j in jobs])
+    def _fail_all(self, jobs: list[Job], error: ServeError) -> None:
+        self.sink.results([(j, None, error) for j in jobs])
         # a stream that got its last character in this step has ended well: its consumer must see that
-        self._post(_fail, [(s, error) for s in self._active if not s.done])
+        self.sink.failed([s for s in self._active if not s.done], error)
         for s in self._active:
             s.done = True
         self._active, self._rows, self._batches = [], [], []
 
-    def _shutdown(self, items: list[Any]) -> None:
-        error = Unavailable(self._stop_reason)
+    def _shutdown(self, items: list[Work], reason: str) -> None:
+        error = Unavailable(reason)
         self._active.extend(i for i in items if isinstance(i, Stream))
         self.metrics.cancelled_streams.inc(len(self._active))
-        self._fail_all([i for i in items if isinstance(i, _Job)], error)
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, _Job):
-                self._post(_resolve, [(item.future, None, error)])
-            elif isinstance(item, Stream):
-                self._post(_fail, [(item, error)])
+        self._fail_all([i for i in items if isinstance(i, Job)], error)
+        left = self.inbox.leftovers()
+        self.sink.results([(j, None, error) for j in left if isinstance(j, Job)])
+        self.sink.failed([s for s in left if isinstance(s, Stream)], error)

@@ -22,7 +22,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serve.api.admission import Gate
-from serve.engine.scheduler import Engine
+from serve.engine.protocol import Engine
+from serve.engine.thread import ThreadEngine
 from serve.process.proxy import ProcessEngine
 from serve.errors import ConfigError, DeviceError, EngineFailure, ModelError
 from serve.ops.loops import loop_factory
@@ -144,15 +145,14 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
     """
     credentials = _credentials(settings)
     metrics = Metrics()
-    engine: Engine | ProcessEngine
+    engine: Engine
     if settings.engine == "process":  # the engine process loads and checks the model; nothing here does
         engine = ProcessEngine(settings.model, settings.device, settings.threads, settings.max_batch,
                                settings.max_delay_us, metrics=metrics)
-        provider = engine.provider
     else:
-        runtime = Runtime(settings.model, settings.device, settings.threads)
-        engine = Engine(runtime, settings.max_batch, settings.max_delay_us, metrics=metrics)
-        provider = runtime.provider
+        engine = ThreadEngine(Runtime(settings.model, settings.device, settings.threads), settings.max_batch,
+                              settings.max_delay_us, metrics=metrics)
+    provider = engine.provider
     try:  # an engine process is running from here on: it must not outlive a failed start
         service = CharRNNService(engine, provider, settings.max_chars, settings.state_key.encode(),
                                  settings.max_prompt_chars)

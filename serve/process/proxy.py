@@ -1,13 +1,14 @@
-"""The engine in a process of its own (--engine process, the default): the same Engine, no shared GIL.
+"""The process engine (--engine process, the default): the Engine protocol over a scheduler that runs in
+a process of its own (serve/process/child.py), so that it shares no GIL with gRPC.
 
 Why: in one process the engine thread and the event loop take turns on one GIL. Measured on 2 cores
 (bench/serve.py), at 64 streams the engine thread was off the CPU for half of every step waiting for
 its turn, and even with the model call skipped one stream got only a third of the transport ceiling.
-With the engine here the server process keeps only gRPC and delivery, and the two run side by side.
+With the engine there the server process keeps only gRPC and delivery, and the two run side by side.
 
-    server process                               engine process (python -m serve.process.proxy)
-    ProcessEngine.generate/predict  -- stdin ->  read between steps by the Engine's step loop (one thread)
-    Stream deques, waiters, futures <- stdout -- one CHARS record per step
+    server process                               engine process (python -m serve.process.child)
+    ProcessEngine.generate/predict  -- stdin ->  read between steps by the scheduler (one thread)
+    Stream deques, waiters, futures <- stdout -- one Chars record per step
 
 The records are in serve/process/records.py. The engine process ignores SIGINT/SIGTERM (a terminal's Ctrl-C
 reaches the whole process group; the server drains and then stops the engine) and exits when its
@@ -17,101 +18,50 @@ UNAVAILABLE, starts a new one, and serves again once that is ready.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
-import pickle
-import select
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from serve.engine import sampling
-from serve.process import records as wire
-from serve.engine.scheduler import _STOP, Engine, Finish, SamplingParams, Stream, _fail, _Job, _resolve
-from serve.errors import DeviceError, EngineFailure, ModelError, ServeError, Unavailable
+from serve.engine.protocol import Finish, SamplingParams
+from serve.engine.runtime import ModelSpec
+from serve.engine.stream import Result, Stream
+from serve.errors import EngineFailure, ServeError, Unavailable
 from serve.ops.metrics import Metrics
-from serve.engine.runtime import ModelSpec, Runtime
+from serve.process import records
+from serve.process.pipe import readable
 
 log = logging.getLogger(__name__)
 
-CHILD = [sys.executable, "-m", "serve.process.proxy"]  # bench/model_skipped.py swaps in its own
+CHILD = [sys.executable, "-m", "serve.process.child"]  # bench/model_skipped.py swaps in its own
 _FINISH = tuple(Finish)
-_ERRORS: dict[str, type[ServeError]] = {cls.__name__: cls for cls in (EngineFailure, Unavailable, ModelError,
-                                                                       DeviceError)}
 START_TIMEOUT = 120.0
 
 
-def _readable(fd: int, timeout: float | None) -> bool:
-    """Whether fd has something to read within timeout seconds (None: wait). poll, not select: a busy
-    server has more than 1024 descriptors open, and select cannot watch those."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
-
-
-def _error(name: str, *args: Any) -> ServeError:
-    """The server-side exception for a (class name, constructor arguments) the engine process sent."""
-    cls = _ERRORS.get(name, EngineFailure)
-    try:
-        return cls(*args)
-    except TypeError:
-        return EngineFailure(": ".join(map(str, args)))
-
-
-def _as_record(error: BaseException) -> tuple[Any, ...]:
-    """(class name, constructor arguments): what `_error` rebuilds on the server side."""
-    if isinstance(error, ModelError):
-        return type(error).__name__, str(error.path), error.problem
-    return type(error).__name__, str(error)
-
-
-# ---- server side ---------------------------------------------------------------------------------
-class _RemoteStream(Stream):
-    """A Generate stream whose characters come from the engine process: reports the reader's progress
-    now and then (the engine parks streams a window ahead of their reader) and its end."""
-
-    def __init__(self, owner: ProcessEngine, sid: int, *args: Any) -> None:
-        super().__init__(*args)
-        self._owner, self._sid = owner, sid
-
-    def pop(self) -> tuple[int, float, Finish] | None:
-        item = super().pop()
-        if item is not None and not self.consumed % self._owner.report_every:
-            self._owner._send(wire.CONSUMED, (self._sid, self.consumed), quiet=True)
-        return item
-
-    def close(self) -> None:
-        if not self.cancelled:
-            super().close()
-            self._owner._forget(self._sid)
-
-
 class ProcessEngine:
-    """Engine's interface (start, stop, running, generate, predict, stats, spec, vocab) over a child
-    process running the Engine. The model is loaded and checked there only: this process learns its
-    spec and provider from the child's READY record, or gets the child's ModelError / DeviceError."""
+    """The Engine protocol (serve/engine/protocol.py) over a child process running the scheduler. The
+    model is loaded and checked there only: this process learns its spec and provider from the child's
+    Ready record, or gets the child's ModelError / DeviceError."""
 
     def __init__(self, model: str, device: str = "auto", threads: int = 1, max_batch: int = 256,
                  max_delay_us: int = 200, window: int = 1024, metrics: Metrics | None = None) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.metrics = metrics if metrics is not None else Metrics()
-        self.stats = {"step_calls": 0, "step_rows": 0, "restarts": 0}
+        self._stats = {"step_calls": 0, "step_rows": 0, "restarts": 0}
         # The engine parks a stream `window` ahead of what it knows was read and lets it rejoin at half
         # that. Reports every quarter window keep its knowledge under a quarter behind, so a reader who
         # caught up and waits is always within half a window: the stream rejoins, whatever the window.
         self.report_every = max(1, window // 4)
         self._argv = [*CHILD, "--model", model, "--device", device, "--threads", str(threads), "--max-batch",
                       str(max_batch), "--max-delay-us", str(max_delay_us), "--window", str(window)]
-        self._streams: dict[int, _RemoteStream] = {}
-        self._jobs: dict[int, asyncio.Future[tuple[np.ndarray, np.ndarray]]] = {}
+        self._streams: dict[int, Stream] = {}
+        self._jobs: dict[int, asyncio.Future[Result]] = {}
         self._next_id = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
@@ -122,27 +72,31 @@ class ProcessEngine:
         self.proc, (self.provider, self.spec) = self._spawn()
         self.vocab = self.spec.vocab
 
+    @property
+    def stats(self) -> Mapping[str, float]:
+        return self._stats
+
     def _spawn(self) -> tuple[subprocess.Popen[bytes], tuple[str, ModelSpec]]:
-        """Starts an engine process and waits for its READY (or the error that stopped it).
+        """Starts an engine process and waits for its Ready (or the error that stopped it).
 
         Its own session: a terminal's Ctrl-C goes to the server, which stops the engine when it is done."""
         proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
                                 start_new_session=True)
         assert proc.stdout is not None
-        self._reader = wire.Reader()
+        self._reader = records.Reader()
         try:
             deadline = time.monotonic() + START_TIMEOUT
             while time.monotonic() < deadline:
-                ready = _readable(proc.stdout.fileno(), max(0.0, deadline - time.monotonic()))
+                ready = readable(proc.stdout.fileno(), max(0.0, deadline - time.monotonic()))
                 data = os.read(proc.stdout.fileno(), 1 << 16) if ready else b""
                 if not data:
                     break
-                for kind, payload in self._reader.feed(data):
-                    if kind == wire.READY:
-                        return proc, pickle.loads(payload)
-                    if kind == wire.ERROR:
+                for record in self._reader.feed(data):
+                    if type(record) is records.Ready:
+                        return proc, (record.provider, record.spec)
+                    if type(record) is records.StartFailed:
                         proc.wait(timeout=10)
-                        raise _error(*pickle.loads(payload))
+                        raise record.error.exception()
             raise EngineFailure("the engine process did not start")
         except BaseException:
             if proc.poll() is None:
@@ -175,11 +129,11 @@ class ProcessEngine:
         on_loop = self._loop is not None and self._on_loop_thread()
         if self._loop is not None and not on_loop:
             try:
-                self._loop.call_soon_threadsafe(self._send, wire.STOP, reason, True)
+                self._loop.call_soon_threadsafe(self._send, records.Stop(reason), True)
             except RuntimeError:  # the loop is closed: nobody can send; end it the hard way below
                 self.proc.kill()
         else:
-            self._send(wire.STOP, reason, quiet=True)
+            self._send(records.Stop(reason), quiet=True)
         deadline = time.monotonic() + 30
         while self.proc.poll() is None and time.monotonic() < deadline:
             if on_loop:  # the loop is ours: move both pipes ourselves so the process can finish
@@ -197,7 +151,7 @@ class ProcessEngine:
         assert self.proc.stdout is not None
         if self.proc.stdout.closed:
             return
-        if _readable(self.proc.stdout.fileno(), timeout):
+        if readable(self.proc.stdout.fileno(), timeout):
             try:
                 data = os.read(self.proc.stdout.fileno(), 1 << 20)
             except BlockingIOError:
@@ -251,19 +205,19 @@ class ProcessEngine:
                  stops: Sequence[str] = ()) -> Stream:
         self._check_running()
         sid = self._new_id()
-        stream = _RemoteStream(self, sid, prompt, params, max_chars, stops, self.vocab)
+        stream = Stream(prompt, params, max_chars, stops, self.vocab, key=sid, reader=self)
         self._streams[sid] = stream
-        self._send(wire.GENERATE, (sid, prompt, SamplingParams(params.temperature, params.top_k, params.top_p,
-                                                               stream.seed), max_chars, tuple(stops)))
+        self._send(records.Generate(sid, prompt, SamplingParams(params.temperature, params.top_k, params.top_p,
+                                                                stream.seed), max_chars, tuple(stops)))
         return stream
 
-    async def predict(self, ids: np.ndarray, state: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    async def predict(self, ids: np.ndarray, state: np.ndarray | None) -> Result:
         self._check_running()
         assert self._loop is not None
         jid = self._new_id()
-        future: asyncio.Future[tuple[np.ndarray, np.ndarray]] = self._loop.create_future()
+        future: asyncio.Future[Result] = self._loop.create_future()
         self._jobs[jid] = future
-        self._send(wire.JOB, (jid, ids, state))
+        self._send(records.Predict(jid, ids, state))
         try:
             return await future
         finally:
@@ -273,12 +227,16 @@ class ProcessEngine:
         self._next_id += 1
         return self._next_id
 
-    def _forget(self, sid: int) -> None:
-        """The consumer is gone: stop stepping the stream (a finished one is already forgotten)."""
-        if self._streams.pop(sid, None) is not None and self.running:
-            self._send(wire.CANCEL, sid, quiet=True)
+    # ---- what a Stream's consumer does (the stream's Reader) ----------------------------------------
+    def progress(self, stream: Stream) -> None:
+        self._send(records.Consumed(stream.key, stream.consumed), quiet=True)
 
-    def _send(self, kind: bytes, message: Any, quiet: bool = False) -> None:
+    def closed(self, stream: Stream) -> None:
+        """The consumer is gone: stop stepping the stream (a finished one is already forgotten)."""
+        if self._streams.pop(stream.key, None) is not None and self.running:
+            self._send(records.Cancel(stream.key), quiet=True)
+
+    def _send(self, record: records.Record, quiet: bool = False) -> None:
         """One record to the engine process; Unavailable if it is gone (quiet: then say nothing). On the
         loop thread once started; before that (a blocking pipe) from anywhere."""
         stdin = self.proc.stdin
@@ -286,7 +244,7 @@ class ProcessEngine:
             if quiet:
                 return
             raise Unavailable("the engine process is gone")
-        self._outgoing += wire.frame(kind, pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        self._outgoing += records.encode(record)
         if not self._writing:
             self._flush(quiet)
 
@@ -329,26 +287,23 @@ class ProcessEngine:
             self._died()
 
     def _handle(self, data: bytes) -> None:
-        for kind, payload in self._reader.feed(data):
-            if kind == wire.CHARS:
-                self._chars(payload)
-            elif kind == wire.DONE:
-                jid, logits, state = pickle.loads(payload)
-                future = self._jobs.pop(jid, None)
+        for record in self._reader.feed(data):
+            if type(record) is records.Chars:
+                self._chars(record)
+            elif type(record) is records.Done:
+                future = self._jobs.pop(record.job, None)
                 if future is not None and not future.done():
-                    future.set_result((logits, state))
-            elif kind == wire.FAILED:
-                streams, jobs, name, message = pickle.loads(payload)
-                for sid in streams:
-                    stream = self._streams.pop(sid, None)
-                    if stream is not None:
-                        _fail([(stream, _error(name, message))])
-                _resolve([(self._jobs.pop(jid), None, _error(name, message)) for jid in jobs if jid in self._jobs])
+                    future.set_result((record.logits, record.state))
+            elif type(record) is records.Failed:
+                error = record.error.exception()
+                streams = (self._streams.pop(key, None) for key in record.streams)
+                _fail([s for s in streams if s is not None], error)
+                jobs = (self._jobs.pop(key, None) for key in record.jobs)
+                _reject([f for f in jobs if f is not None], error)
 
-    def _chars(self, payload: bytes) -> None:
-        sids, tokens, logprobs, finishes, seconds, sizes, characters, cancelled = wire.unpack_chars(payload)
+    def _chars(self, record: records.Chars) -> None:
         streams = self._streams
-        for sid, token, logprob, finish in zip(sids, tokens, logprobs, finishes):
+        for sid, token, logprob, finish in zip(record.streams, record.tokens, record.logprobs, record.finishes):
             stream = streams.get(sid)
             if stream is None:  # cancelled meanwhile
                 continue
@@ -356,22 +311,22 @@ class ProcessEngine:
                 del streams[sid]
             if stream.push((token, logprob, _FINISH[finish])):  # on the loop already: wake it here
                 stream.wake()
-        metrics = self.metrics
-        for s, n in zip(seconds, sizes):
+        metrics, sizes = self.metrics, record.batch_sizes
+        for s, n in zip(record.step_seconds, sizes):
             metrics.step_seconds.observe(s)
             metrics.batch_size.observe(n)
-        self.stats["step_calls"] += len(sizes)
-        self.stats["step_rows"] += sum(sizes)
-        if characters:
-            metrics.characters.inc(characters)
-        if cancelled:
-            metrics.cancelled_streams.inc(cancelled)
+        self._stats["step_calls"] += len(sizes)
+        self._stats["step_rows"] += sum(sizes)
+        if record.characters:
+            metrics.characters.inc(record.characters)
+        if record.cancelled:
+            metrics.cancelled_streams.inc(record.cancelled)
 
     def _fail_all(self, error: ServeError) -> None:
         streams, self._streams = list(self._streams.values()), {}
-        _fail([(s, error) for s in streams])
+        _fail(streams, error)
         jobs, self._jobs = list(self._jobs.values()), {}
-        _resolve([(f, None, error) for f in jobs])
+        _reject(jobs, error)
 
     def _died(self) -> None:
         """The engine process exited by itself: fail what was in flight, start another one."""
@@ -407,218 +362,18 @@ class ProcessEngine:
             proc.wait()
             return
         self.proc = proc
-        self.stats["restarts"] += 1
+        self._stats["restarts"] += 1
         self._attach()
         log.info("the engine process is serving again")
 
 
-# ---- engine side ---------------------------------------------------------------------------------
-class _Tally:
-    """Stands in for Metrics inside the engine process: collects what the server's metrics should
-    count and ships it with the next CHARS record."""
-
-    def __init__(self) -> None:
-        self.characters = _Counter()
-        self.cancelled_streams = _Counter()
-        self.step_seconds = _Series()
-        self.batch_size = _Series()
+def _fail(streams: list[Stream], error: BaseException) -> None:
+    for stream in streams:
+        stream.failure = error
+        stream.wake()
 
 
-class _Counter:
-    def __init__(self) -> None:
-        self.value = 0
-
-    def inc(self, n: int = 1) -> None:
-        self.value += n
-
-
-class _Series:
-    def __init__(self) -> None:
-        self.values: list[float] = []
-
-    def observe(self, value: float) -> None:
-        self.values.append(value)
-
-
-class _RemoteFuture:
-    """A job's handle inside the engine process: results go back by id."""
-
-    def __init__(self, jid: int) -> None:
-        self.jid = jid
-
-    def cancelled(self) -> bool:
-        return False
-
-
-def _stopped(items: list[Any]) -> bool:
-    return any(item is _STOP for item in items)
-
-
-class _ChildEngine(Engine):
-    """The Engine reading the server's records from `inp` and writing its deliveries as records on `out`."""
-
-    def __init__(self, runtime: Runtime, inp: int, out: int, **kwargs: Any) -> None:
-        self.tally = _Tally()
-        super().__init__(runtime, metrics=self.tally, **kwargs)  # type: ignore[arg-type]
-        self._in, self._out = inp, out
-        self._requests = wire.Reader()
-        self._streams: dict[int, Stream] = {}
-
-    # The server's records are read here, between steps, by the one thread that steps: a reader thread
-    # would take turns with it on the GIL, and made 64 streams arriving together wait 3 times longer
-    # for their first character.
-    def _receive(self, wait: float | None, idle: bool) -> list[Any]:
-        """What arrived: waits up to `wait` seconds (None: until something comes) for the first records;
-        when idle, up to --max-delay-us more for concurrent arrivals (see Engine._receive)."""
-        got, items = self._read(wait)
-        if got and idle and self.max_delay > 0:
-            deadline = time.perf_counter() + self.max_delay
-            while len(items) < self.max_batch and not _stopped(items):
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                got, more = self._read(left)
-                items += more
-                if not got:
-                    break
-        while got and not _stopped(items):
-            got, more = self._read(0.0)
-            items += more
-        return items
-
-    def _read(self, timeout: float | None) -> tuple[bool, list[Any]]:
-        """(whether anything came, the inbox items it held); progress and cancellations are applied."""
-        if not _readable(self._in, timeout):
-            return False, []
-        try:
-            data = os.read(self._in, 1 << 20)
-        except OSError:
-            data = b""
-        if not data:  # the server is gone: stop
-            self._stop_reason = "the server process exited"
-            self._stopping = True
-            return True, [_STOP]
-        items: list[Any] = []
-        streams = self._streams
-        for kind, payload in self._requests.feed(data):
-            message = pickle.loads(payload)
-            if kind == wire.GENERATE:
-                sid, prompt, params, max_chars, stops = message
-                stream = Stream(prompt, params, max_chars, stops, self.vocab)
-                stream.sid = sid  # type: ignore[attr-defined]
-                streams[sid] = stream
-                items.append(stream)
-            elif kind == wire.CONSUMED:
-                sid, consumed = message
-                stream = streams.get(sid)
-                if stream is not None:
-                    stream.consumed = consumed
-            elif kind == wire.CANCEL:
-                stream = streams.pop(message, None)
-                if stream is not None:
-                    stream.cancelled = True
-            elif kind == wire.JOB:
-                jid, ids, state = message
-                items.append(_Job(ids, state, _RemoteFuture(jid)))  # type: ignore[arg-type]
-            elif kind == wire.STOP:
-                self._stop_reason = message
-                self._stopping = True
-                items.append(_STOP)
-        return True, items
-
-    def write(self, record: bytes) -> None:
-        view = memoryview(record)
-        try:
-            while view:
-                view = view[os.write(self._out, view):]
-        except OSError:  # the server is gone; the next read of stdin (EOF) stops the engine
-            pass
-
-    def _step(self, riders: list[_Job] | None = None) -> bool:
-        stepped = super()._step(riders)
-        self._flush_tally()
-        return stepped
-
-    def _admit(self, fresh: list[Stream]) -> None:
-        super()._admit(fresh)
-        self._flush_tally()
-
-    def _flush_tally(self) -> None:
-        """Metric updates that no CHARS record carried (a step where every stream was cancelled)."""
-        tally = self.tally
-        if tally.characters.value or tally.cancelled_streams.value or tally.step_seconds.values:
-            self._send_chars([], np.empty(0), np.empty(0), [])
-
-    def _send_chars(self, rows: list[Stream], tokens: np.ndarray, logprobs: np.ndarray, finishes: list[Finish]) -> None:
-        tally = self.tally
-        self.write(wire.pack_chars([s.sid for s in rows], tokens, logprobs, finishes,  # type: ignore[attr-defined]
-                                   tally.step_seconds.values, tally.batch_size.values, tally.characters.value,
-                                   tally.cancelled_streams.value))
-        tally.step_seconds.values, tally.batch_size.values = [], []
-        tally.characters.value = tally.cancelled_streams.value = 0
-
-    def _sample_and_deliver(self, rows: list[Stream], logits: np.ndarray, params: sampling.RowParams,
-                            uniforms: np.ndarray) -> bool:
-        tokens, logprobs = sampling.sample(logits, params, uniforms)
-        finishes = [s.emitted(t) for s, t in zip(rows, tokens.tolist())]
-        ended = any(finishes)
-        if ended:
-            for s in rows:
-                if s.done:
-                    self._streams.pop(s.sid, None)  # type: ignore[attr-defined]
-        self._send_chars(rows, tokens, logprobs, finishes)
-        return ended
-
-    def _post(self, callback: Any, payload: list[Any]) -> None:
-        if callback is _resolve:
-            for future, value, error in payload:
-                if error is None:
-                    logits, state = value
-                    self.write(wire.frame(wire.DONE, pickle.dumps((future.jid, logits, state),
-                                                                  protocol=pickle.HIGHEST_PROTOCOL)))
-                else:
-                    self._failed([], [future.jid], error)
-        elif callback is _fail:
-            by_error: dict[int, tuple[list[int], BaseException]] = {}
-            for stream, error in payload:
-                self._streams.pop(stream.sid, None)
-                by_error.setdefault(id(error), ([], error))[0].append(stream.sid)
-            for sids, error in by_error.values():
-                self._failed(sids, [], error)
-
-    def _failed(self, sids: list[int], jids: list[int], error: BaseException) -> None:
-        self.write(wire.frame(wire.FAILED, pickle.dumps((sids, jids, type(error).__name__, str(error)))))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="charrnn's engine process; started by `python -m serve`, talks "
-                                            "records (serve/process/records.py) on stdin and stdout")
-    p.add_argument("--model", required=True)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--max-batch", type=int, default=256)
-    p.add_argument("--max-delay-us", type=int, default=200)
-    p.add_argument("--window", type=int, default=1024)
-    args = p.parse_args(argv)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)  # the server decides when the engine stops
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s engine: %(name)s: %(message)s")
-    out = os.dup(1)
-    os.dup2(2, 1)  # stdout carries records only: anything printed goes to stderr
-    inp = sys.stdin.buffer.fileno()
-    try:
-        runtime = Runtime(args.model, args.device, args.threads)
-    except (ModelError, DeviceError) as error:
-        os.write(out, wire.frame(wire.ERROR, pickle.dumps(_as_record(error))))
-        return 2
-    engine = _ChildEngine(runtime, inp, out, max_batch=args.max_batch, max_delay_us=args.max_delay_us,
-                          window=args.window)
-    engine.write(wire.frame(wire.READY, pickle.dumps((runtime.provider, runtime.spec))))
-    engine._run()  # returns after STOP (or the server's exit), having failed what was left
-    engine._flush_tally()  # the streams cut at shutdown count as cancelled
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def _reject(futures: list[asyncio.Future[Result]], error: BaseException) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(error)

@@ -17,9 +17,10 @@ import time
 
 import numpy as np
 
-from serve.engine.scheduler import Engine, SamplingParams
+from serve.engine.protocol import SamplingParams
 from serve.errors import DeviceError, ModelError, ServeError
 from serve.engine.runtime import Runtime
+from serve.engine.thread import ThreadEngine
 
 
 def _chain(rt: Runtime, ids: np.ndarray) -> np.ndarray:
@@ -33,8 +34,8 @@ def _chain(rt: Runtime, ids: np.ndarray) -> np.ndarray:
 
 
 async def _generate(rt: Runtime, streams: int, chars: int) -> tuple[float, list[list[int]]]:
-    """streams seeded Generate streams of chars characters through an Engine on rt: (seconds, tokens)."""
-    engine = Engine(rt, max_batch=max(streams, 1))
+    """streams seeded Generate streams of chars characters through a ThreadEngine on rt: (seconds, tokens)."""
+    engine = ThreadEngine(rt, max_batch=max(streams, 1))
     engine.start(asyncio.get_running_loop())
     failures: list[str] = []
 
