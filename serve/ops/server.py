@@ -22,18 +22,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serve.api.admission import Gate
+from serve.api.interceptors import chain
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from serve.api.servicer import CharRNNServicer
 from serve.engine.protocol import Engine
+from serve.engine.runtime import Runtime
 from serve.engine.thread import ThreadEngine
-from serve.process.proxy import ProcessEngine
 from serve.errors import ConfigError, DeviceError, EngineFailure, ModelError
 from serve.ops.loops import loop_factory
 from serve.ops.metrics import Metrics
-from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
-from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
-from serve.engine.runtime import Runtime
-from serve.service.charrnn import CharRNNService
-from serve.api.servicer import CharRNNServicer
 from serve.ops.settings import Settings
+from serve.process.proxy import ProcessEngine
+from serve.service.charrnn import CharRNNService
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +157,11 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
     try:  # an engine process is running from here on: it must not outlive a failed start
         service = CharRNNService(engine, provider, settings.max_chars, settings.state_key.encode(),
                                  settings.max_prompt_chars)
-        gate = Gate(settings.max_streams, settings.auth_token, metrics)
-        server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port)),
+        gate = Gate(settings.max_streams, metrics)
+        server = grpc.aio.server(interceptors=chain(gate, metrics, settings.auth_token),
+                                 options=[("grpc.so_reuseport", int(reuse_port)),
                                           ("grpc.max_receive_message_length", settings.max_message_bytes)])
-        pb_grpc.add_CharRNNServicer_to_server(CharRNNServicer(service, gate, metrics), server)
+        pb_grpc.add_CharRNNServicer_to_server(CharRNNServicer(service), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

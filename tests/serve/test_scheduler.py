@@ -11,7 +11,8 @@ import pytest
 
 from serve.engine.protocol import Finish, SamplingParams
 from serve.engine.scheduler import MAX_CALL_CHARS, _group
-from serve.errors import EngineFailure, status_of
+from serve.api.status import status_of
+from serve.errors import EngineFailure
 from serve.engine.runtime import Runtime
 from serve.engine.thread import ThreadEngine
 

@@ -38,7 +38,7 @@ def test_two_workers_share_one_port_and_stop_together(hihell_model, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    served = set(re.findall(r"(worker\d) serve\.errors: Predict", log.read_text()))
+    served = set(re.findall(r"(worker\d) serve\.api\.interceptors: Predict", log.read_text()))
     assert served == {"worker0", "worker1"}, log.read_text()
 
 
