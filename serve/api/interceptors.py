@@ -8,7 +8,7 @@ outermost first:
     auth           the bearer token, when the server has one
     admission      the drain and the concurrent-call limit (serve/api/admission.py)
 
-(each of the last four an `AtStart` interceptor around a function run as the call starts).
+(Outcome.wrap and the four functions, each run as a call starts, go into a `CharRNNInterceptor` each).
 
 Health and reflection pass through untouched, so orchestrators can always probe. Only Outcome wraps a
 streaming handler's messages (a generator around the handler's); the others act when the call starts
@@ -69,10 +69,6 @@ class Call:
 _CALL: contextvars.ContextVar[Call] = contextvars.ContextVar("charrnn_call")  # each call runs in its own task
 
 
-def _ours(details: grpc.HandlerCallDetails) -> bool:
-    return details.method.startswith(PREFIX)  # type: ignore[attr-defined]
-
-
 def _behaviour(handler: grpc.RpcMethodHandler) -> tuple[Callable[..., Any], Callable[..., grpc.RpcMethodHandler]]:
     """The handler's function and the constructor that makes a handler of the same kind around another."""
     if handler.request_streaming and handler.response_streaming:
@@ -90,9 +86,31 @@ def _rewrap(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any]) -> gr
                 response_serializer=handler.response_serializer)
 
 
+Wrap = Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler]  # (handler, rpc name) -> handler
+
+
+class CharRNNInterceptor(grpc.aio.ServerInterceptor):
+    """A grpc.aio server interceptor that applies `wrap` to the CharRNN service's handlers only."""
+
+    def __init__(self, wrap: Wrap) -> None:
+        self._wrap = wrap
+
+    async def intercept_service(self, continuation: Continuation,
+                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method: str = details.method  # type: ignore[attr-defined]
+        if handler is None or not method.startswith(PREFIX):
+            return handler
+        return self._wrap(handler, method[len(PREFIX):])
+
+
+def at_start(start: Callable[[Call], None]) -> Wrap:
+    """Wraps a handler so that start(call) runs as each call begins, its messages untouched. Only
+    Outcome calls the result, so a streaming one may hand back the inner handler's iterator as it is."""
+    return lambda handler, rpc: _on_start(handler, start)
+
+
 def _on_start(handler: grpc.RpcMethodHandler, start: Callable[[Call], None]) -> grpc.RpcMethodHandler:
-    """The handler with start(call) run as each call begins, its messages untouched. Only Outcome calls
-    the result, so a streaming one may hand back the inner handler's iterator as it is."""
     inner, _ = _behaviour(handler)
     if handler.response_streaming:
         def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -106,7 +124,7 @@ def _on_start(handler: grpc.RpcMethodHandler, start: Callable[[Call], None]) -> 
     return _rewrap(handler, unary)
 
 
-class Outcome(grpc.aio.ServerInterceptor):
+class Outcome:
     """Outermost: makes each call's Call record and turns whatever the handler raised into a status.
 
     A call that shutdown cuts (its task cancelled with `shutdown_reason()` set) ends UNAVAILABLE with
@@ -115,12 +133,7 @@ class Outcome(grpc.aio.ServerInterceptor):
     def __init__(self, shutdown_reason: Callable[[], str | None]) -> None:
         self._shutdown_reason = shutdown_reason
 
-    async def intercept_service(self, continuation: Continuation,
-                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or not _ours(details):
-            return handler
-        rpc = details.method[len(PREFIX):]  # type: ignore[attr-defined]
+    def wrap(self, handler: grpc.RpcMethodHandler, rpc: str) -> grpc.RpcMethodHandler:
         inner, _ = _behaviour(handler)
         if handler.response_streaming:
             async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -197,20 +210,6 @@ class Outcome(grpc.aio.ServerInterceptor):
         await call.context.abort(grpc.StatusCode.UNAVAILABLE, reason)
 
 
-class AtStart(grpc.aio.ServerInterceptor):
-    """An interceptor that runs `start(call)` as each CharRNN call begins."""
-
-    def __init__(self, start: Callable[[Call], None]) -> None:
-        self._start = start
-
-    async def intercept_service(self, continuation: Continuation,
-                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or not _ours(details):
-            return handler
-        return _on_start(handler, self._start)
-
-
 def access_log(call: Call) -> None:
     call.at_end(_log_line)
 
@@ -256,5 +255,6 @@ def chain(gate: Gate, metrics: Metrics, token: str) -> list[grpc.aio.ServerInter
     token never takes a slot."""
     starts: Iterable[Callable[[Call], None]] = (access_log, call_metrics(metrics), *((auth(token),) if token else ()),
                                                 admission(gate))
-    return [Outcome(lambda: gate.abort_reason), *(AtStart(start) for start in starts)]
+    outcome = Outcome(lambda: gate.abort_reason)
+    return [CharRNNInterceptor(outcome.wrap), *(CharRNNInterceptor(at_start(start)) for start in starts)]
 
