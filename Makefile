@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+TRITON_VENV  := .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo
 DEMO_BUDGET ?= 180
 
@@ -10,12 +12,19 @@ DEMO_BUDGET ?= 180
 
 NODE_STAMP := clients/node/node_modules/.package-lock.json
 
-install: $(STAMP) node-install
+install: $(STAMP) $(TRITON_STAMP) node-install
 
 $(STAMP): requirements/train.txt requirements/export.txt requirements/serve.txt requirements/dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements/dev.txt
 	touch $(STAMP)
+
+# tritonclient[grpc] requires protobuf<7 while the project pins protobuf 7, so the tritonclient side of the
+# interop tests runs in an environment of its own; tests/tritonenv.py runs its Python as a subprocess.
+$(TRITON_STAMP): requirements/tritonclient.txt
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install --disable-pip-version-check -q -r requirements/tritonclient.txt
+	touch $(TRITON_STAMP)
 
 # The Node.js client's packages (for its tests): npm writes NODE_STAMP, so this reruns only when the
 # lock file changes or node_modules is gone. Without npm the Node client tests skip, saying why.
@@ -56,4 +65,4 @@ protos:
 		protos/charrnn/v1/charrnn.proto
 
 clean:
-	rm -rf $(VENV) runs clients/node/node_modules
+	rm -rf $(VENV) $(TRITON_VENV) runs clients/node/node_modules
