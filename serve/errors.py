@@ -12,6 +12,10 @@ class InvalidArgument(ServeError):
     """The request is malformed: a bad parameter, an unknown character, unusable state bytes."""
 
 
+class NotFound(ServeError):
+    """The request names a model (or version) this server does not hold (KServe's ModelInfer and friends)."""
+
+
 class ModelError(ServeError):
     """The model file is missing, unreadable or does not follow the ONNX contract (start-up only)."""
 

@@ -1,5 +1,5 @@
-"""What every CharRNN call goes through, as grpc.aio server interceptors in one ordered chain (`chain`),
-outermost first:
+"""What every API call (charrnn.v1.CharRNN and inference.GRPCInferenceService) goes through, as grpc.aio
+server interceptors in one ordered chain (`chain`), outermost first:
 
     Outcome        the one wrapper around the handler: what it raised becomes a status (serve/api/status.py),
                    a call cut by shutdown ends UNAVAILABLE with the reason; runs the others' end hooks
@@ -8,9 +8,11 @@ outermost first:
     auth           the bearer token, when the server has one
     admission      the drain and the concurrent-call limit (serve/api/admission.py)
 
-(Outcome.wrap and the four functions, each run as a call starts, go into a `CharRNNInterceptor` each).
+(Outcome.wrap and the four functions, each run as a call starts, go into an `ApiInterceptor` each).
 
-Health and reflection pass through untouched, so orchestrators can always probe. Only Outcome wraps a
+Health and reflection pass through untouched, so orchestrators can always probe. KServe's own probes
+(ServerLive, ServerReady, ModelReady) are health rpcs too: auth and admission leave them alone (a
+draining server answers ready=false rather than UNAVAILABLE), the log line, metrics and Outcome do not. Only Outcome wraps a
 streaming handler's messages (a generator around the handler's); the others act when the call starts
 and register what they need at its end on the call's `Call` record, so a Generate stream costs one
 wrapper per character whatever the chain holds.
@@ -31,6 +33,7 @@ import grpc
 
 from serve.api.admission import Gate
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.inference import grpc_service_pb2 as inference_pb
 from serve.api.status import status_of
 from serve.errors import Unauthenticated
 from serve.ops.metrics import Metrics
@@ -38,6 +41,8 @@ from serve.ops.metrics import Metrics
 log = logging.getLogger(__name__)
 
 PREFIX = "/" + pb.DESCRIPTOR.services_by_name["CharRNN"].full_name + "/"  # "/charrnn.v1.CharRNN/"
+INFERENCE_PREFIX = "/" + inference_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name + "/"
+PROBES = frozenset({"ServerLive", "ServerReady", "ModelReady"})  # KServe's health rpcs
 AUTH_HEADER = "authorization"
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
@@ -89,19 +94,29 @@ def _rewrap(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any]) -> gr
 Wrap = Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler]  # (handler, rpc name) -> handler
 
 
-class CharRNNInterceptor(grpc.aio.ServerInterceptor):
-    """A grpc.aio server interceptor that applies `wrap` to the CharRNN service's handlers only."""
+def _rpc(method: str) -> str | None:
+    """The rpc's name (the metrics' and the log line's label) if the method is one of the API's."""
+    for prefix in (PREFIX, INFERENCE_PREFIX):
+        if method.startswith(prefix):
+            return method[len(prefix):]
+    return None
 
-    def __init__(self, wrap: Wrap) -> None:
+
+class ApiInterceptor(grpc.aio.ServerInterceptor):
+    """A grpc.aio server interceptor that applies `wrap` to the API services' handlers only (with
+    probes=False, not to KServe's probes either)."""
+
+    def __init__(self, wrap: Wrap, probes: bool = True) -> None:
         self._wrap = wrap
+        self._probes = probes
 
     async def intercept_service(self, continuation: Continuation,
                                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        method: str = details.method  # type: ignore[attr-defined]
-        if handler is None or not method.startswith(PREFIX):
+        rpc = _rpc(details.method)  # type: ignore[attr-defined]
+        if handler is None or rpc is None or (not self._probes and rpc in PROBES):
             return handler
-        return self._wrap(handler, method[len(PREFIX):])
+        return self._wrap(handler, rpc)
 
 
 def at_start(start: Callable[[Call], None]) -> Wrap:
@@ -253,8 +268,9 @@ def chain(gate: Gate, metrics: Metrics, token: str) -> list[grpc.aio.ServerInter
     """The interceptors in their order (the first is outermost). Outcome comes first so that every
     refusal below it is logged, counted and mapped; Auth before Admission so that a call without the
     token never takes a slot."""
-    starts: Iterable[Callable[[Call], None]] = (access_log, call_metrics(metrics), *((auth(token),) if token else ()),
-                                                admission(gate))
+    everywhere: Iterable[Callable[[Call], None]] = (access_log, call_metrics(metrics))
+    not_probes: Iterable[Callable[[Call], None]] = (*((auth(token),) if token else ()), admission(gate))
     outcome = Outcome(lambda: gate.abort_reason)
-    return [CharRNNInterceptor(outcome.wrap), *(CharRNNInterceptor(at_start(start)) for start in starts)]
+    return [ApiInterceptor(outcome.wrap), *(ApiInterceptor(at_start(start)) for start in everywhere),
+            *(ApiInterceptor(at_start(start), probes=False) for start in not_probes)]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from serve.errors import (EngineFailure, InvalidArgument, ModelError, ResourceExhausted, ServeError,
+from serve.errors import (EngineFailure, InvalidArgument, ModelError, NotFound, ResourceExhausted, ServeError,
                           Unauthenticated, Unavailable)
 
 _STATUS: dict[type[ServeError], grpc.StatusCode] = {
@@ -14,6 +14,7 @@ _STATUS: dict[type[ServeError], grpc.StatusCode] = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     ModelError: grpc.StatusCode.FAILED_PRECONDITION,
+    NotFound: grpc.StatusCode.NOT_FOUND,
 }
 
 

@@ -65,6 +65,11 @@ class Engine(Protocol):
     async def predict(self, ids: np.ndarray, state: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Feeds ids [T] from state (None = zero state): logits [T, V] and the state after the last id."""
 
+    async def infer(self, ids: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The raw model call KServe's ModelInfer makes for one row: ids [T] from state [L, S]; always
+        every row of logits [T, V] and the state after the last id, batched with every other caller's work
+        (whatever Predict and Step come to need of `predict`)."""
+
 
 class Counter(Protocol):
     def inc(self, amount: float = 1) -> None: ...

@@ -170,3 +170,6 @@ class ThreadEngine:
         future: asyncio.Future[Result] = self._loop.create_future()
         self._inbox.queue.put(Job(ids, state, future))
         return await future
+
+    async def infer(self, ids: np.ndarray, state: np.ndarray) -> Result:
+        return await self.predict(ids, state)  # a Job returns every row of logits

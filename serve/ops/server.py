@@ -18,13 +18,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serve.api.admission import Gate
+from serve.api.inference import InferenceServicer
 from serve.api.interceptors import chain
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from serve.api.pb.inference import grpc_service_pb2 as inference_pb
+from serve.api.pb.inference import grpc_service_pb2_grpc as inference_grpc
 from serve.api.servicer import CharRNNServicer
 from serve.engine.protocol import Engine
 from serve.engine.runtime import Runtime
@@ -34,11 +38,16 @@ from serve.ops.loops import loop_factory
 from serve.ops.metrics import Metrics
 from serve.ops.settings import Settings
 from serve.process.proxy import ProcessEngine
+from serve.ops.version import project_version
 from serve.service.charrnn import CharRNNService
+from serve.service.inference import InferenceService
+from serve.service.sequences import Sequences
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CharRNN"].full_name  # "charrnn.v1.CharRNN"
+INFERENCE_SERVICE_NAME = inference_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+API_SERVICES = (SERVICE_NAME, INFERENCE_SERVICE_NAME)  # what health reports, beside the server as a whole ("")
 
 
 class Server:
@@ -59,7 +68,7 @@ class Server:
     async def start(self) -> None:
         self.engine.start(asyncio.get_running_loop())
         await self.grpc.start()
-        for name in ("", SERVICE_NAME):
+        for name in ("", *API_SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None = 1.0) -> None:
@@ -162,9 +171,15 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
                                  options=[("grpc.so_reuseport", int(reuse_port)),
                                           ("grpc.max_receive_message_length", settings.max_message_bytes)])
         pb_grpc.add_CharRNNServicer_to_server(CharRNNServicer(service), server)
+        sequences = Sequences(np.zeros(engine.spec.state_shape, dtype=np.float32), settings.max_sequences,
+                              settings.sequence_idle_seconds)
+        inference = InferenceService(engine, settings.model_name, settings.max_batch, settings.max_prompt_chars,
+                                     sequences, settings.max_delay_us)
+        inference_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(inference, project_version(), gate), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        reflection.enable_server_reflection((*API_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         host = settings.address_host
         address = f"{host}:{settings.port}"
         try:

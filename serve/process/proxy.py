@@ -223,6 +223,9 @@ class ProcessEngine:
         finally:
             self._jobs.pop(jid, None)
 
+    async def infer(self, ids: np.ndarray, state: np.ndarray) -> Result:
+        return await self.predict(ids, state)  # a Predict record's Done carries every row of logits
+
     def _new_id(self) -> int:
         self._next_id += 1
         return self._next_id
