@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # first, ahead of bench/: `serve` must be the package, not bench/serve.py
 
+TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 READY = re.compile(r" on (\S+:\d+)")  # `python -m serve`'s and bench/ceiling.py's ready lines
 ENGINE_CHILD = "--engine-child"  # bench/model_skipped.py's argument when it runs as the engine process
 VOCAB_65 = list("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")  # tinyshakespeare's
@@ -106,3 +107,18 @@ def is_engine_process(pid: int) -> bool:
         return False
     return bool({b"serve.process.child", b"serve.engine_process",
                  ENGINE_CHILD.encode()} & set(argv))
+
+
+def cpu_seconds(pid: int) -> dict[int, tuple[float, bool]] | None:
+    """Per process of the server's tree: (CPU seconds, user + system, from /proc; whether it is an
+    engine process). None where there is no /proc."""
+    if not os.path.isdir("/proc"):
+        return None
+    seconds = {}
+    for p in process_tree(pid):
+        try:
+            fields = proc_stat(p)
+        except OSError:
+            continue  # gone meanwhile
+        seconds[p] = ((int(fields[11]) + int(fields[12])) / TICK, is_engine_process(p))
+    return seconds
