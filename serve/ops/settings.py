@@ -52,7 +52,7 @@ class Settings:
                 "can mint a valid state from the public model SHA-256 (set it through the environment: a flag "
                 "shows in the process list)"})
     max_streams: int = field(default=1024, metadata={
-        "help": "concurrent CharRNN calls (health excluded); one more is refused at once with "
+        "help": "concurrent CharRNN and KServe calls (health and KServe's probes excluded); one more is refused at once with "
                 "RESOURCE_EXHAUSTED, never queued"})
     max_prompt_chars: int = field(default=10_000, metadata={
         "help": "upper limit on the characters of a prompt and of one Predict/Step text (INVALID_ARGUMENT above)"})
@@ -75,8 +75,8 @@ class Settings:
     max_sequences: int = field(default=1024, metadata={
         "help": "live KServe sequences the server holds state for; a START beyond it gets RESOURCE_EXHAUSTED"})
     auth_token: str = field(default="", repr=False, metadata={
-        "help": "require metadata 'authorization: Bearer <token>' on every CharRNN call (health stays open); "
-                "set it through the environment: a flag shows in the process list"})
+        "help": "require metadata 'authorization: Bearer <token>' on every CharRNN and KServe call (health and "
+                "KServe's probes stay open); set it through the environment: a flag shows in the process list"})
 
     @property
     def address_host(self) -> str:
