@@ -252,3 +252,18 @@ def test_the_token_guards_inference_but_not_the_probes(token_server, hihell):
     assert live == {"live": True}
     assert infer["error"]["status"] == "StatusCode.UNAUTHENTICATED"
     assert _argmax(with_token, hihell.vocab) == "i"
+
+
+@pytest.fixture(scope="module")
+def thread_server(text_model: Path) -> Iterator[LiveServer]:
+    yield from serve_model(text_model, engine="thread")
+
+
+def test_a_batch_is_one_engine_call(thread_server, text):
+    stats = thread_server.server.engine.stats
+    before = stats["job_calls"]
+    ids = np.random.default_rng(1).integers(0, len(text.vocab), size=(4, 6))
+    result, = triton(thread_server, {"op": "infer", "ids": ids.tolist()})
+    assert stats["job_calls"] == before + 1  # the four rows went into one onnxruntime call
+    logits, _ = text.run(ids)
+    assert np.abs(_array(result["outputs"]["logits"]) - logits).max() <= 1e-5
