@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from serve.api.admission import Gate
 from serve.api.pb.inference import grpc_service_pb2 as pb
 from serve.api.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from serve.api.status import status_of
@@ -50,14 +51,14 @@ def model_config(config: TritonConfig) -> pb.ModelConfig:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, service: InferenceService, version: str, draining: object) -> None:
-        """draining: anything with a `draining` attribute (the admission Gate): ServerReady turns false."""
+    def __init__(self, service: InferenceService, version: str, gate: Gate) -> None:
+        """version: the project's (ServerMetadata); gate: while it drains, the probes say not ready."""
         self.service = service
         self.version = version
-        self._gate = draining
+        self._gate = gate
 
     def _ready(self) -> bool:
-        return self.service.ready and not getattr(self._gate, "draining", False)
+        return self.service.ready and not self._gate.draining
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)

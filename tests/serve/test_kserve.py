@@ -267,3 +267,14 @@ def test_a_batch_is_one_engine_call(thread_server, text):
     assert stats["job_calls"] == before + 1  # the four rows went into one onnxruntime call
     logits, _ = text.run(ids)
     assert np.abs(_array(result["outputs"]["logits"]) - logits).max() <= 1e-5
+
+
+def test_a_draining_server_is_live_but_not_ready(thread_server, text):
+    thread_server.server.gate.draining = True  # what SIGTERM's drain sets first (serve/ops/server.py)
+    try:
+        live, ready, infer = triton(thread_server, {"op": "live"}, {"op": "ready"},
+                                    {"op": "infer", "ids": [[0, 1]]})
+    finally:
+        thread_server.server.gate.draining = False
+    assert live == {"live": True} and ready == {"ready": False}
+    assert infer["error"]["status"] == "StatusCode.UNAVAILABLE"
