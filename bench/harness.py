@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,3 +123,10 @@ def cpu_seconds(pid: int) -> dict[int, tuple[float, bool]] | None:
             continue  # gone meanwhile
         seconds[p] = ((int(fields[11]) + int(fields[12])) / TICK, is_engine_process(p))
     return seconds
+
+
+def load_columns(median: Callable[[str], float]) -> str:
+    """A report row's chars/s, time to the first character and gaps between characters (p50, p99), from
+    median(key) over the rounds of one load's results (bench/load.py's keys)."""
+    return (f"{median('chars_per_s'):>9.0f} {median('ttfc_p50_ms'):>7.2f}ms "
+            f"{median('gap_p50_ms'):>6.3f}ms {median('gap_p99_ms'):>6.3f}ms  ")

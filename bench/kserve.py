@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import ROOT, ServerProcess, build_model, cpu_seconds  # harness puts the repository root on sys.path
+from harness import ROOT, ServerProcess, build_model, cpu_seconds, load_columns  # harness puts the repository root on sys.path
 
 LOADS = ("generate", "modelinfer", "stream")
 
@@ -99,9 +99,8 @@ def main() -> int:
         for streams, _ in sizes:
             errors = sum(r["error_count"] for r in results[(load, streams)])
             print(f"{load:>11} {streams:>3} stream{'s' if streams > 1 else ' '} "
-                  f"{median(load, streams, 'chars_per_s'):>9.0f} {median(load, streams, 'ttfc_p50_ms'):>7.2f}ms "
-                  f"{median(load, streams, 'gap_p50_ms'):>6.3f}ms {median(load, streams, 'gap_p99_ms'):>6.3f}ms  "
-                  f"{median(load, streams, 'server_us'):>19.1f} {median(load, streams, 'client_us'):>7.1f}  {errors}")
+                  + load_columns(lambda key: median(load, streams, key))  # noqa: B023 - called at once
+                  + f"{median(load, streams, 'server_us'):>19.1f} {median(load, streams, 'client_us'):>7.1f}  {errors}")
 
     def ratio(a: str, b: str, streams: int, key: str) -> str:
         per_round = sorted(x[key] / y[key] for x, y in zip(results[(a, streams)], results[(b, streams)])

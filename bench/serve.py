@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import ROOT, ServerProcess, build_model, cpu_seconds  # harness puts the repository root on sys.path
+from harness import ROOT, ServerProcess, build_model, cpu_seconds, load_columns  # harness puts the repository root on sys.path
 
 
 def load(target: str, streams: int, chars: int, connections: int = 1) -> dict:
@@ -162,9 +162,8 @@ def main() -> int:
             for streams, _ in loads:
                 errors = sum(r["error_count"] for r in results[(name, streams)])
                 print(f"{name:>20} {streams:>3} stream{'s' if streams > 1 else ' '} "
-                      f"{median(name, streams, 'chars_per_s'):>9.0f} {median(name, streams, 'ttfc_p50_ms'):>7.2f}ms "
-                      f"{median(name, streams, 'gap_p50_ms'):>6.3f}ms {median(name, streams, 'gap_p99_ms'):>6.3f}ms  "
-                      f"{_us(median(name, streams, 'server_us')):>19} {_us(median(name, streams, 'engine_us')):>7} "
+                      + load_columns(lambda key: median(name, streams, key))  # noqa: B023 - called at once
+                      + f"{_us(median(name, streams, 'server_us')):>19} {_us(median(name, streams, 'engine_us')):>7} "
                       f"{_us(median(name, streams, 'client_us')):>7}  "
                       f"{errors}")
 
