@@ -6,6 +6,8 @@ what it got is checked here against onnxruntime run directly on the file.
 from __future__ import annotations
 
 import json
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,10 +15,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from google.protobuf import json_format, text_format
+from prometheus_client.parser import text_string_to_metric_families
 from live import LiveServer, serve_model
 from tritonenv import run_tritonside
 
 from export.triton_repo import TritonModel, config_pbtxt
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as charrnn_pb
 from serve.api.pb.inference import grpc_service_pb2 as pb
 from serve.ops.version import project_version
 
@@ -278,3 +282,35 @@ def test_a_draining_server_is_live_but_not_ready(thread_server, text):
         thread_server.server.gate.draining = False
     assert live == {"live": True} and ready == {"ready": False}
     assert infer["error"]["status"] == "StatusCode.UNAVAILABLE"
+
+
+@pytest.fixture(scope="module")
+def one_call_server(text_model: Path) -> Iterator[LiveServer]:
+    yield from serve_model(text_model, max_streams=1, metrics_port=0)
+
+
+def _calls_total(server: LiveServer, rpc: str, code: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=5).read()
+    return sum(s.value for family in text_string_to_metric_families(text.decode()) for s in family.samples
+               if s.name == "charrnn_calls_total" and s.labels == {"rpc": rpc, "code": code})
+
+
+def test_modelinfer_shares_the_call_limit_and_the_metrics(one_call_server, text):
+    generate = one_call_server.stub.Generate(charrnn_pb.GenerateRequest(prompt="it", max_chars=100_000, seed=1),
+                                             timeout=60)
+    next(generate)  # holds the one slot
+    try:
+        live, refused = triton(one_call_server, {"op": "live"}, {"op": "infer", "ids": [[0, 1]]})
+    finally:
+        generate.cancel()
+    assert live == {"live": True}  # a probe takes no slot
+    assert refused["error"]["status"] == EXHAUSTED
+    deadline = time.monotonic() + 10
+    while True:  # the cancelled stream frees its slot within milliseconds
+        served, = triton(one_call_server, {"op": "infer", "ids": [[0, 1]]})
+        if "error" not in served or time.monotonic() > deadline:
+            break
+    assert "error" not in served, served
+    assert _calls_total(one_call_server, "ModelInfer", "RESOURCE_EXHAUSTED") >= 1
+    assert _calls_total(one_call_server, "ModelInfer", "OK") >= 1
+    assert _calls_total(one_call_server, "ServerLive", "OK") >= 1
