@@ -61,14 +61,16 @@ demo: install
 	target=$$(sed -n 's/^charrnn serving .* on \([^ ]*\) (.*/\1/p' $(DEMO_DIR)/serve.log); \
 	$(BIN)/python -m serve.client generate --target $$target --prompt "The " --max-chars 400 --temperature 0.8
 
-# Regenerates the committed gRPC stubs in serve/pb/ from protos/. The -I mapping places the proto at
-# serve/pb/charrnn/v1/charrnn.proto for protoc, so generated imports read `serve.pb.charrnn.v1...`
-# with no post-processing. PROTO_OUT lets the stub test regenerate elsewhere and diff.
+# Regenerates the committed gRPC stubs in serve/api/pb/ from protos/. The -I mapping places each proto at
+# serve/api/pb/<its path> for protoc (e.g. serve/api/pb/charrnn/v1/charrnn.proto), so generated imports
+# read `serve.api.pb.charrnn.v1...` and `serve.api.pb.inference...` with no post-processing. PROTO_OUT
+# lets the stub test regenerate elsewhere and diff.
+PROTOS := protos/charrnn/v1/charrnn.proto protos/inference/grpc_service.proto
 PROTO_OUT ?= .
 protos:
-	$(BIN)/python -m grpc_tools.protoc -Iserve/pb=protos \
+	$(BIN)/python -m grpc_tools.protoc -Iserve/api/pb=protos \
 		--python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
-		protos/charrnn/v1/charrnn.proto
+		$(PROTOS)
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) runs clients/node/node_modules

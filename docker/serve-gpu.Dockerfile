@@ -33,6 +33,8 @@ COPY requirements/serve-gpu.txt requirements/
 RUN pip install --no-cache-dir -r requirements/serve-gpu.txt
 
 COPY serve/ serve/
+# The project version lives in CHANGELOG.md: serve/ops/version.py reads it for GetModelInfo.
+COPY CHANGELOG.md ./
 
 USER 10001:10001
 ENV CHARRNN_MODEL=/artifacts/model.onnx \

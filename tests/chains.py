@@ -25,7 +25,7 @@ class ChainClient:
     """
 
     def __init__(self, target: str) -> None:
-        from serve.pb.charrnn.v1 import charrnn_pb2, charrnn_pb2_grpc
+        from serve.api.pb.charrnn.v1 import charrnn_pb2, charrnn_pb2_grpc
 
         self.pb = charrnn_pb2
         self.channel = grpc.insecure_channel(target)

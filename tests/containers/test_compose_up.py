@@ -26,8 +26,8 @@ from containers.engine import Project
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import ROOT
 
-from serve.pb.charrnn.v1 import charrnn_pb2 as pb
-from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 
 # The first test also waits for the session's image builds (about 3 minutes on a cold cache here).
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(900)]

@@ -101,7 +101,9 @@ def test_serving_images_install_no_torch_and_copy_only_serve(path):
     assert names & {"onnxruntime", "onnxruntime-gpu"}
     copied = [args.split()[:-1] for word, args in instructions(path) if word == "COPY"]
     sources = {src.rstrip("/") for srcs in copied for src in srcs}
-    assert sources <= {"serve", "protos", "requirements/serve.txt", "requirements/serve-gpu.txt"}, sources
+    allowed = {"serve", "protos", "requirements/serve.txt", "requirements/serve-gpu.txt", "CHANGELOG.md"}
+    assert sources <= allowed, sources
+    assert "CHANGELOG.md" in sources, "serve/ops/version.py reads the project version from CHANGELOG.md"
     steps = instructions(path)
     checks = [args for word, args in steps if word == "HEALTHCHECK"]
     assert len(checks) == 1 and '"serve.healthcheck"' in checks[0]

@@ -35,7 +35,7 @@ def test_smoke_run_is_the_one_the_compose_test_runs():
 
 
 def test_every_variable_named_exists():
-    from serve.settings import PREFIX, Settings
+    from serve.ops.settings import PREFIX, Settings
 
     known = {PREFIX + f.name.upper() for f in fields(Settings)}
     compose = (ROOT / "docker-compose.yml").read_text() + (ROOT / "docker-compose.gpu.yml").read_text()

@@ -79,7 +79,7 @@ def start_server(model: Path, log: Path) -> tuple[subprocess.Popen, int]:
 
 
 def wait_serving(target: str, limit: float = 30) -> None:
-    from serve.healthcheck import check
+    from serve.tools.healthcheck import check
 
     deadline = time.monotonic() + limit
     while not check(target, timeout=2)[0]:

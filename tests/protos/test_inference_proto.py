@@ -32,7 +32,7 @@ RPCS = {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetad
 @pytest.fixture(scope="module")
 def ours(tmp_path_factory) -> descriptor_pb2.FileDescriptorSet:
     out = tmp_path_factory.mktemp("inference") / "inference.pb"
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-Iserve/pb=protos",
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-Iserve/api/pb=protos",
                     f"--descriptor_set_out={out}", "protos/inference/grpc_service.proto"],
                    cwd=ROOT, check=True, capture_output=True)
     return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serve import sampling
-from serve.batcher import Engine, SamplingParams, Stream
-from serve.codec import StateCodec
-from serve.engine_process import ProcessEngine
+from serve.engine import sampling
+from serve.engine.protocol import Engine, SamplingParams
+from serve.engine.runtime import ModelSpec
+from serve.engine.stream import Stream
 from serve.errors import InvalidArgument
-from serve.runtime import ModelSpec
+from serve.service.state_codec import StateCodec
 
 MAX_STOPS = 16        # each stop string is checked after every character: bound the per-character work
 MAX_STOP_CHARS = 256
@@ -48,7 +48,7 @@ class ModelInfo:
 class CharRNNService:
     """What the API does, for one loaded model."""
 
-    def __init__(self, engine: Engine | ProcessEngine, provider: str, max_chars: int, state_secret: bytes = b"",
+    def __init__(self, engine: Engine, provider: str, max_chars: int, state_secret: bytes = b"",
                  max_prompt_chars: int = 10_000) -> None:
         self.engine = engine
         self.spec = engine.spec

@@ -22,7 +22,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from serve.settings import Settings
+from serve.ops.settings import Settings
 
 log = logging.getLogger(__name__)
 START_TIMEOUT = 120.0  # seconds for every child to load the model and bind
@@ -42,7 +42,7 @@ def reserve_port(host: str, port: int):
 
 
 def _child(settings: Settings, index: int, events: Any) -> None:
-    from serve.server import run  # imported here: the parent never loads onnxruntime or the model
+    from serve.ops.server import run  # imported here: the parent never loads onnxruntime or the model
 
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s worker{index} %(name)s: %(message)s")

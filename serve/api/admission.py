@@ -1,48 +1,32 @@
-"""Who may start a CharRNN call: the bearer token, the shutdown drain and the concurrent-call limit.
+"""Whether a CharRNN call may start now: the shutdown drain and the concurrent-call limit.
 
-`rpc` (serve/errors.py) asks the gate before every CharRNN call and tells it when the call ends;
-health and reflection never pass through it, so orchestrators can always probe. The gate lives on
-the event loop thread only (no locks). It knows the task of every call in flight, so a shutdown can
-wait for them to finish and, when grace runs out, cancel them with a reason the client is told.
+The admission interceptor (serve/api/interceptors.py) asks the gate as every CharRNN call starts and
+tells it when the call ends; health and reflection never pass through it, so orchestrators can always
+probe. The gate lives on the event loop thread only (no locks). It knows the task of every call in
+flight, so a shutdown can wait for them to finish and, when grace runs out, cancel them with a reason
+the client is told.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-from collections.abc import Iterable
 from typing import Any
 
-from serve.errors import ResourceExhausted, Unauthenticated, Unavailable
-from serve.metrics import Metrics
-
-AUTH_HEADER = "authorization"
+from serve.errors import ResourceExhausted, Unavailable
+from serve.ops.metrics import Metrics
 
 
 class Gate:
-    def __init__(self, max_streams: int, token: str, metrics: Metrics) -> None:
+    def __init__(self, max_streams: int, metrics: Metrics) -> None:
         self.max_streams = max_streams
-        self._expected = ("Bearer " + token).encode() if token else None
         self.metrics = metrics
         self.calls: set[asyncio.Task[Any]] = set()
         self.draining = False
         self.abort_reason: str | None = None  # set when shutdown cuts the calls still in flight
         self._idle: asyncio.Event | None = None
 
-    def _authenticate(self, metadata: Iterable[Any] | None) -> None:
-        presented = b""
-        for key, value in metadata or ():
-            if key == AUTH_HEADER:
-                presented = value.encode() if isinstance(value, str) else bytes(value)
-                break
-        # compare_digest takes the same time wherever the first difference is
-        if not hmac.compare_digest(presented, self._expected or b""):
-            raise Unauthenticated("missing or wrong bearer token: send metadata 'authorization: Bearer <token>'")
-
-    def admit(self, metadata: Iterable[Any] | None) -> asyncio.Task[Any]:
+    def admit(self) -> asyncio.Task[Any]:
         """Registers the current call, or raises the domain error that refuses it (nothing waits)."""
-        if self._expected is not None:
-            self._authenticate(metadata)
         if self.draining:
             raise Unavailable("the server is shutting down; retry on another replica")
         if len(self.calls) >= self.max_streams:
@@ -69,7 +53,7 @@ class Gate:
         await self._idle.wait()
 
     def abort_all(self, reason: str) -> None:
-        """Cancels every call in flight; `rpc` ends each with UNAVAILABLE and this reason."""
+        """Cancels every call in flight; the Outcome interceptor ends each with UNAVAILABLE and this reason."""
         self.abort_reason = reason
         for task in list(self.calls):
             task.cancel()

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from serve.loops import CHOICES as LOOPS
+from serve.ops.loops import CHOICES as LOOPS
 
 PREFIX = "CHARRNN_"
 
@@ -52,7 +52,7 @@ class Settings:
                 "can mint a valid state from the public model SHA-256 (set it through the environment: a flag "
                 "shows in the process list)"})
     max_streams: int = field(default=1024, metadata={
-        "help": "concurrent CharRNN calls (health excluded); one more is refused at once with "
+        "help": "concurrent CharRNN and KServe calls (health and KServe's probes excluded); one more is refused at once with "
                 "RESOURCE_EXHAUSTED, never queued"})
     max_prompt_chars: int = field(default=10_000, metadata={
         "help": "upper limit on the characters of a prompt and of one Predict/Step text (INVALID_ARGUMENT above)"})
@@ -67,9 +67,16 @@ class Settings:
     tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})
     tls_client_ca: str = field(default="", metadata={
         "help": "PEM CA bundle: require client certificates signed by it (mutual TLS)"})
+    model_name: str = field(default="charrnn", metadata={
+        "help": "the model's name on inference.GRPCInferenceService (KServe v2 / Triton clients); its version is 1"})
+    sequence_idle_seconds: float = field(default=60.0, metadata={
+        "help": "a KServe sequence (sequence_id) with no request for this long is freed; its next request "
+                "without sequence_start is refused"})
+    max_sequences: int = field(default=1024, metadata={
+        "help": "live KServe sequences the server holds state for; a START beyond it gets RESOURCE_EXHAUSTED"})
     auth_token: str = field(default="", repr=False, metadata={
-        "help": "require metadata 'authorization: Bearer <token>' on every CharRNN call (health stays open); "
-                "set it through the environment: a flag shows in the process list"})
+        "help": "require metadata 'authorization: Bearer <token>' on every CharRNN and KServe call (health and "
+                "KServe's probes stay open); set it through the environment: a flag shows in the process list"})
 
     @property
     def address_host(self) -> str:
@@ -82,7 +89,8 @@ class Settings:
 _RANGE: dict[str, tuple[float, float | None]] = {
     "port": (0, 65535), "metrics_port": (-1, 65535), "max_batch": (1, None), "max_chars": (1, None),
     "threads": (1, None), "workers": (1, None), "max_streams": (1, None), "max_prompt_chars": (1, None),
-    "max_message_bytes": (1024, None)}
+    "max_message_bytes": (1024, None), "max_sequences": (1, None),
+    "sequence_idle_seconds": (0.001, None)}
 
 
 def _number(name: str, kind: type) -> Any:
@@ -141,6 +149,8 @@ def _from_environment(p: argparse.ArgumentParser, env: str, raw: str, convert: A
 def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     p = parser(environ)
     settings = Settings(**vars(p.parse_args(argv)))
+    if not settings.model_name.strip():
+        p.error("--model-name must not be empty: KServe clients name the model in every request")
     last = settings.metrics_port + settings.workers - 1  # worker i serves metrics on PORT+i
     if settings.metrics_port > 0 and last > 65535:
         p.error(f"--metrics-port {settings.metrics_port} with --workers {settings.workers} needs ports up to {last}"

@@ -6,14 +6,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from serve.admission import Gate
-from serve.batcher import Finish
-from serve.errors import rpc
-from serve.metrics import Metrics
-from serve.pb.charrnn.v1 import charrnn_pb2 as pb
-from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
-from serve.runtime import PROVENANCE
-from serve.service import CharRNNService, Prediction
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from serve.engine.protocol import Finish
+from serve.engine.runtime import PROVENANCE
+from serve.service.charrnn import CharRNNService, Prediction
 
 _FINISH = {Finish.NONE: pb.FINISH_REASON_UNSPECIFIED, Finish.LENGTH: pb.FINISH_REASON_LENGTH,
            Finish.STOP: pb.FINISH_REASON_STOP}
@@ -24,13 +21,12 @@ def _candidates(prediction: Prediction) -> list[pb.Candidate]:
 
 
 class CharRNNServicer(pb_grpc.CharRNNServicer):
-    def __init__(self, service: CharRNNService, gate: Gate, metrics: Metrics) -> None:
+    """Auth, admission, errors, metrics and the log line are the interceptors' (serve/api/interceptors.py)."""
+
+    def __init__(self, service: CharRNNService) -> None:
         self.service = service
-        self.gate = gate  # `rpc` asks it before every call
-        self.metrics = metrics
         self._text = service.vocab
 
-    @rpc
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         stream = self.service.generate(
@@ -53,7 +49,6 @@ class CharRNNServicer(pb_grpc.CharRNNServicer):
         finally:
             stream.close()
 
-    @rpc
     async def Predict(self, request_iterator: AsyncIterator[pb.PredictRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.PredictResponse]:
         state = None
@@ -62,13 +57,11 @@ class CharRNNServicer(pb_grpc.CharRNNServicer):
             for p in predictions:
                 yield pb.PredictResponse(input=p.input, next=p.next, probability=p.probability, top=_candidates(p))
 
-    @rpc
     async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepResponse:
         result = await self.service.step(request.state, request.text, request.top_k)
         p = result.prediction
         return pb.StepResponse(state=result.state, next=p.next, probability=p.probability, top=_candidates(p))
 
-    @rpc
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         info = self.service.info()

@@ -9,9 +9,12 @@ import grpc
 import numpy as np
 import pytest
 
-from serve.batcher import MAX_CALL_CHARS, Engine, Finish, SamplingParams, _group
-from serve.errors import EngineFailure, status_of
-from serve.runtime import Runtime
+from serve.engine.protocol import Finish, SamplingParams
+from serve.engine.scheduler import MAX_CALL_CHARS, _group
+from serve.api.status import status_of
+from serve.errors import EngineFailure
+from serve.engine.runtime import Runtime
+from serve.engine.thread import ThreadEngine
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +22,7 @@ def runtime(text_model) -> Runtime:
     return Runtime(text_model, "cpu")
 
 
-def run(engine: Engine, coroutine_factory):
+def run(engine: ThreadEngine, coroutine_factory):
     async def main():
         engine.start(asyncio.get_running_loop())
         try:
@@ -29,7 +32,7 @@ def run(engine: Engine, coroutine_factory):
     return asyncio.run(main())
 
 
-async def collect(engine: Engine, prompt: np.ndarray, seed: int, n: int) -> list[tuple[int, float, Finish]]:
+async def collect(engine: ThreadEngine, prompt: np.ndarray, seed: int, n: int) -> list[tuple[int, float, Finish]]:
     stream = engine.generate(prompt, SamplingParams(seed=seed), n)
     try:
         return [item async for item in stream]
@@ -43,17 +46,18 @@ def test_max_batch_splits_the_step_but_not_the_results(runtime):
     def many(engine):
         return run(engine, lambda: asyncio.gather(*(collect(engine, p, i, 40) for i, p in enumerate(prompts))))
 
-    wide, narrow, parking = Engine(runtime, max_batch=256), Engine(runtime, max_batch=2), Engine(runtime, window=1)
+    wide, narrow = ThreadEngine(runtime, max_batch=256), ThreadEngine(runtime, max_batch=2)
+    parking = ThreadEngine(runtime, window=1)
     expected = many(wide)
     assert many(narrow) == expected
     assert many(parking) == expected  # streams parked and re-batched every character keep their state
     assert narrow.stats["step_calls"] >= 3 * 39 and wide.stats["step_calls"] < 3 * 39
-    assert all(r[-1][2] is Finish.LENGTH for r in many(Engine(runtime)))
+    assert all(r[-1][2] is Finish.LENGTH for r in many(ThreadEngine(runtime)))
 
 
 def test_cancelled_streams_leave_the_batch(runtime):
     # a window wider than the stream: it is never parked, so only close() can take it out of the engine
-    engine = Engine(runtime, window=10_000_000)
+    engine = ThreadEngine(runtime, window=10_000_000)
 
     def cancelled() -> float:
         return engine.metrics.registry.get_sample_value("charrnn_cancelled_streams_total")
@@ -83,7 +87,7 @@ def test_cancelled_streams_leave_the_batch(runtime):
 
 
 def test_an_onnxruntime_failure_fails_the_batch_and_the_engine_keeps_serving(runtime):
-    engine = Engine(Wrapped(runtime, fail_step_calls=1))  # type: ignore[arg-type]
+    engine = ThreadEngine(Wrapped(runtime, fail_step_calls=1))  # type: ignore[arg-type]
 
     async def scenario():
         with pytest.raises(EngineFailure):
@@ -122,7 +126,7 @@ class Wrapped:
         return self._runtime.upload(state)
 
 
-async def _text(engine: Engine, prompt: list[int], seed: int, n: int, pause: float = 0.0) -> list[int]:
+async def _text(engine: ThreadEngine, prompt: list[int], seed: int, n: int, pause: float = 0.0) -> list[int]:
     stream = engine.generate(np.array(prompt, dtype=np.int64), SamplingParams(seed=seed), n)
     out = []
     try:
@@ -145,10 +149,10 @@ def test_calls_are_capped_in_characters_as_well_as_rows():
 
 
 def test_a_failed_step_call_fails_only_its_own_batch(runtime):
-    reference_engine = Engine(runtime)
+    reference_engine = ThreadEngine(runtime)
     expected = run(reference_engine, lambda: _text(reference_engine, [2], 7, 20))
 
-    engine = Engine(Wrapped(runtime, fail_step_calls=1), max_batch=1)  # type: ignore[arg-type]
+    engine = ThreadEngine(Wrapped(runtime, fail_step_calls=1), max_batch=1)  # type: ignore[arg-type]
 
     async def scenario():
         first = asyncio.ensure_future(_text(engine, [1], 1, 20))
@@ -161,9 +165,9 @@ def test_a_failed_step_call_fails_only_its_own_batch(runtime):
 
 
 def test_a_failed_prefill_fails_only_its_own_group(runtime):
-    reference_engine = Engine(runtime)
+    reference_engine = ThreadEngine(runtime)
     expected = run(reference_engine, lambda: _text(reference_engine, [3], 5, 15))
-    engine = Engine(Wrapped(runtime, fail_prefill_len=2))  # type: ignore[arg-type]
+    engine = ThreadEngine(Wrapped(runtime, fail_prefill_len=2))  # type: ignore[arg-type]
 
     async def scenario():
         return await asyncio.gather(_text(engine, [1, 2], 1, 15), _text(engine, [3], 5, 15),
@@ -181,8 +185,8 @@ def test_engine_failures_reach_clients_as_unavailable():
 
 def test_a_slow_consumer_does_not_rebuild_the_batch_every_character(runtime):
     wrapped = Wrapped(runtime)
-    engine = Engine(wrapped, window=8)  # type: ignore[arg-type]
-    reference_engine = Engine(runtime)
+    engine = ThreadEngine(wrapped, window=8)  # type: ignore[arg-type]
+    reference_engine = ThreadEngine(runtime)
     expected = run(reference_engine, lambda: _text(reference_engine, [1], 3, 160))
     assert run(engine, lambda: _text(engine, [1], 3, 160, pause=0.002)) == expected
     # Parking at 8 behind and rejoining at 4 behind re-forms the batch at most once per 4 characters
@@ -191,7 +195,7 @@ def test_a_slow_consumer_does_not_rebuild_the_batch_every_character(runtime):
 
 
 def test_one_character_predict_rides_in_the_step_call_with_the_same_results(runtime):
-    idle = Engine(runtime)
+    idle = ThreadEngine(runtime)
     texts = [[1], [2], [3], [4]]
 
     async def alone():
@@ -200,7 +204,7 @@ def test_one_character_predict_rides_in_the_step_call_with_the_same_results(runt
     expected = run(idle, alone)
     assert idle.stats["rider_rows"] == 0
 
-    busy = Engine(runtime)
+    busy = ThreadEngine(runtime)
 
     async def beside_a_stream():
         stream = busy.generate(np.array([1], dtype=np.int64), SamplingParams(seed=1), 100_000)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from serve.pb.charrnn.v1 import charrnn_pb2 as serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in serve/pb/charrnn/v1/charrnn_pb2_grpc.py depends on'
+        + ' but the generated code in serve/api/pb/charrnn/v1/charrnn_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,23 +37,23 @@ class CharRNNStub:
         """
         self.Generate = channel.unary_stream(
                 '/charrnn.v1.CharRNN/Generate',
-                request_serializer=serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.GenerateResponse.FromString,
+                request_serializer=serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Predict = channel.stream_stream(
                 '/charrnn.v1.CharRNN/Predict',
-                request_serializer=serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.PredictRequest.SerializeToString,
-                response_deserializer=serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.PredictResponse.FromString,
+                request_serializer=serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.PredictRequest.SerializeToString,
+                response_deserializer=serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.PredictResponse.FromString,
                 _registered_method=True)
         self.Step = channel.unary_unary(
                 '/charrnn.v1.CharRNN/Step',
-                request_serializer=serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.StepRequest.SerializeToString,
-                response_deserializer=serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.StepResponse.FromString,
+                request_serializer=serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.StepRequest.SerializeToString,
+                response_deserializer=serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.StepResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/charrnn.v1.CharRNN/GetModelInfo',
-                request_serializer=serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.ModelInfo.FromString,
+                request_serializer=serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
 
@@ -107,23 +107,23 @@ def add_CharRNNServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.GenerateRequest.FromString,
-                    response_serializer=serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.GenerateRequest.FromString,
+                    response_serializer=serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.GenerateResponse.SerializeToString,
             ),
             'Predict': grpc.stream_stream_rpc_method_handler(
                     servicer.Predict,
-                    request_deserializer=serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.PredictRequest.FromString,
-                    response_serializer=serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.PredictResponse.SerializeToString,
+                    request_deserializer=serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.PredictRequest.FromString,
+                    response_serializer=serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.PredictResponse.SerializeToString,
             ),
             'Step': grpc.unary_unary_rpc_method_handler(
                     servicer.Step,
-                    request_deserializer=serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.StepRequest.FromString,
-                    response_serializer=serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.StepResponse.SerializeToString,
+                    request_deserializer=serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.StepRequest.FromString,
+                    response_serializer=serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.StepResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -152,8 +152,8 @@ class CharRNN:
             request,
             target,
             '/charrnn.v1.CharRNN/Generate',
-            serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.GenerateRequest.SerializeToString,
-            serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.GenerateResponse.FromString,
+            serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.GenerateRequest.SerializeToString,
+            serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -179,8 +179,8 @@ class CharRNN:
             request_iterator,
             target,
             '/charrnn.v1.CharRNN/Predict',
-            serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.PredictRequest.SerializeToString,
-            serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.PredictResponse.FromString,
+            serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.PredictRequest.SerializeToString,
+            serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.PredictResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -206,8 +206,8 @@ class CharRNN:
             request,
             target,
             '/charrnn.v1.CharRNN/Step',
-            serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.StepRequest.SerializeToString,
-            serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.StepResponse.FromString,
+            serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.StepRequest.SerializeToString,
+            serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.StepResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -233,8 +233,8 @@ class CharRNN:
             request,
             target,
             '/charrnn.v1.CharRNN/GetModelInfo',
-            serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.GetModelInfoRequest.SerializeToString,
-            serve_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.ModelInfo.FromString,
+            serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.GetModelInfoRequest.SerializeToString,
+            serve_dot_api_dot_pb_dot_charrnn_dot_v1_dot_charrnn__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,25 +18,36 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from serve.admission import Gate
-from serve.batcher import Engine
-from serve.engine_process import ProcessEngine
+from serve.api.admission import Gate
+from serve.api.inference import InferenceServicer
+from serve.api.interceptors import chain
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from serve.api.pb.inference import grpc_service_pb2 as inference_pb
+from serve.api.pb.inference import grpc_service_pb2_grpc as inference_grpc
+from serve.api.servicer import CharRNNServicer
+from serve.engine.protocol import Engine
+from serve.engine.runtime import Runtime
+from serve.engine.thread import ThreadEngine
 from serve.errors import ConfigError, DeviceError, EngineFailure, ModelError
-from serve.loops import loop_factory
-from serve.metrics import Metrics
-from serve.pb.charrnn.v1 import charrnn_pb2 as pb
-from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
-from serve.runtime import Runtime
-from serve.service import CharRNNService
-from serve.servicer import CharRNNServicer
-from serve.settings import Settings
+from serve.ops.loops import loop_factory
+from serve.ops.metrics import Metrics
+from serve.ops.settings import Settings
+from serve.process.proxy import ProcessEngine
+from serve.ops.version import project_version
+from serve.service.charrnn import CharRNNService
+from serve.service.inference import InferenceService
+from serve.service.sequences import Sequences
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CharRNN"].full_name  # "charrnn.v1.CharRNN"
+INFERENCE_SERVICE_NAME = inference_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+API_SERVICES = (SERVICE_NAME, INFERENCE_SERVICE_NAME)  # what health reports, beside the server as a whole ("")
 
 
 class Server:
@@ -57,7 +68,7 @@ class Server:
     async def start(self) -> None:
         self.engine.start(asyncio.get_running_loop())
         await self.grpc.start()
-        for name in ("", SERVICE_NAME):
+        for name in ("", *API_SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None = 1.0) -> None:
@@ -137,32 +148,38 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
 def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server, int]:
     """Loads and checks the model, binds the port (and the metrics port); call `await server.start()`.
 
-    reuse_port: bind with SO_REUSEPORT, for `--workers` processes sharing one port (serve/workers.py).
+    reuse_port: bind with SO_REUSEPORT, for `--workers` processes sharing one port (serve/ops/workers.py).
 
     Raises ModelError / DeviceError when the model or the device cannot be used, ConfigError for a
     bad TLS file.
     """
     credentials = _credentials(settings)
     metrics = Metrics()
-    engine: Engine | ProcessEngine
+    engine: Engine
     if settings.engine == "process":  # the engine process loads and checks the model; nothing here does
         engine = ProcessEngine(settings.model, settings.device, settings.threads, settings.max_batch,
                                settings.max_delay_us, metrics=metrics)
-        provider = engine.provider
     else:
-        runtime = Runtime(settings.model, settings.device, settings.threads)
-        engine = Engine(runtime, settings.max_batch, settings.max_delay_us, metrics=metrics)
-        provider = runtime.provider
+        engine = ThreadEngine(Runtime(settings.model, settings.device, settings.threads), settings.max_batch,
+                              settings.max_delay_us, metrics=metrics)
+    provider = engine.provider
     try:  # an engine process is running from here on: it must not outlive a failed start
         service = CharRNNService(engine, provider, settings.max_chars, settings.state_key.encode(),
                                  settings.max_prompt_chars)
-        gate = Gate(settings.max_streams, settings.auth_token, metrics)
-        server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port)),
+        gate = Gate(settings.max_streams, metrics)
+        server = grpc.aio.server(interceptors=chain(gate, metrics, settings.auth_token),
+                                 options=[("grpc.so_reuseport", int(reuse_port)),
                                           ("grpc.max_receive_message_length", settings.max_message_bytes)])
-        pb_grpc.add_CharRNNServicer_to_server(CharRNNServicer(service, gate, metrics), server)
+        pb_grpc.add_CharRNNServicer_to_server(CharRNNServicer(service), server)
+        sequences = Sequences(np.zeros(engine.spec.state_shape, dtype=np.float32), settings.max_sequences,
+                              settings.sequence_idle_seconds)
+        inference = InferenceService(engine, settings.model_name, settings.max_batch, settings.max_prompt_chars,
+                                     sequences, settings.max_delay_us)
+        inference_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(inference, project_version(), gate), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        reflection.enable_server_reflection((*API_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         host = settings.address_host
         address = f"{host}:{settings.port}"
         try:
