@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -27,6 +27,14 @@ class Finish(enum.IntEnum):
     NONE = 0
     LENGTH = 1
     STOP = 2
+
+
+class EngineState(enum.Enum):
+    """What health reports follow (serve/ops/server.py)."""
+
+    SERVING = "serving"        # takes work
+    RESTARTING = "restarting"  # down (died, or killed when it hung) and being replaced; work is refused
+    FAILED = "failed"          # could not be replaced: the server exits so that its supervisor restarts it
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,9 @@ class Engine(Protocol):
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Starts serving; results are handed to callers on `loop`."""
+
+    def watch(self, callback: Callable[[EngineState], None]) -> None:
+        """callback(state) on the loop whenever the engine's state changes (it starts SERVING)."""
 
     def stop(self, reason: str = "the server is shutting down") -> None:
         """Ends the engine; streams and jobs still in it fail with Unavailable(reason)."""

@@ -125,6 +125,11 @@ class Stream:
         self._items.append(item)
         return self._waiter is not None  # after the append: see `wait`
 
+    @property
+    def waiting(self) -> bool:
+        """Loop side: whether the consumer waits for the engine now."""
+        return self._waiter is not None
+
     def wake(self) -> None:
         """Loop side: ends a pending `wait()`."""
         waiter = self._waiter

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from serve.engine.protocol import Finish, SamplingParams, StepMetrics
+from serve.engine.protocol import EngineState, Finish, SamplingParams, StepMetrics
 from serve.engine.runtime import Runtime
 from serve.engine.scheduler import JobOutcome, Scheduler, Work
 from serve.engine.stream import Job, Result, Stop, Stream
@@ -142,6 +142,10 @@ class ThreadEngine:
         self._loop = self._sink.loop = loop
         self._thread = threading.Thread(target=self.scheduler.run, name="charrnn-engine", daemon=True)
         self._thread.start()
+
+    def watch(self, callback: Callable[[EngineState], None]) -> None:
+        """Nothing to report: the worker thread outlives any failure of a call (each fails alone), and a
+        thread cannot be killed and replaced the way an engine process is."""
 
     def stop(self, reason: str = "the server is shutting down") -> None:
         if self._thread is not None and self._thread.is_alive():

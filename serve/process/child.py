@@ -69,10 +69,10 @@ class PipeInbox:
     """The server's records from `fd`, turned into work; progress and cancellations are applied to the
     streams they name as they arrive."""
 
-    def __init__(self, fd: int, vocab: Sequence[str], streams: dict[int, Stream]) -> None:
+    def __init__(self, fd: int, vocab: Sequence[str], streams: dict[int, Stream], reader: records.Reader) -> None:
         self._fd = fd
         self._vocab = vocab
-        self._reader = records.Reader()
+        self._reader = reader
         self._streams = streams  # shared with the sink, which forgets streams that ended
 
     def get(self, timeout: float | None) -> list[Work] | None:
@@ -155,10 +155,22 @@ class PipeSink:
             self.chars([], [], np.empty(0), [])
 
 
+def read_model(fd: int, reader: records.Reader) -> bytes | None:
+    """The Model record the server sends first; None if the server went away before sending it."""
+    while True:
+        data = os.read(fd, 1 << 20)
+        if not data:
+            return None
+        got = reader.feed(data)
+        if got:
+            assert type(got[0]) is records.Model and len(got) == 1, got
+            return got[0].data
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="charrnn's engine process; started by `python -m serve`, talks "
                                             "records (serve/process/records.py) on stdin and stdout")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="the model's path, for messages: its bytes come on stdin")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-batch", type=int, default=256)
@@ -172,14 +184,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = os.dup(1)
     os.dup2(2, 1)  # stdout carries records only: anything printed goes to stderr
     inp = sys.stdin.buffer.fileno()
+    reader = records.Reader()
+    data = read_model(inp, reader)
+    if data is None:
+        return 0
     try:
-        runtime = Runtime(args.model, args.device, args.threads)
+        runtime = Runtime(args.model, args.device, args.threads, data=data)
     except (ModelError, DeviceError) as error:
         os.write(out, records.encode(records.StartFailed(records.Failure.of(error))))
         return 2
     tally, streams = Tally(), dict[int, Stream]()
     sink = PipeSink(out, tally, streams)
-    scheduler = Scheduler(runtime, PipeInbox(inp, runtime.spec.vocab, streams), sink, tally,
+    scheduler = Scheduler(runtime, PipeInbox(inp, runtime.spec.vocab, streams, reader), sink, tally,
                           max_batch=args.max_batch, max_delay_us=args.max_delay_us, window=args.window)
     sink.write(records.encode(records.Ready(runtime.provider, runtime.spec)))
     scheduler.run()  # returns after Stop (or the server's exit), having failed what was left
