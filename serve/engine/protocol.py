@@ -73,8 +73,11 @@ class Engine(Protocol):
                  stops: Sequence[str] = ()) -> Stream:
         """Starts a Generate stream (Unavailable when not running); iterate it, `close()` it when done."""
 
-    async def predict(self, ids: np.ndarray, state: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Feeds ids [T] from state (None = zero state): logits [T, V] and the state after the last id."""
+    async def predict(self, ids: np.ndarray, state: np.ndarray | None,
+                      last_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Feeds ids [T] from state (None = zero state): logits [T, V] (last_only: [1, V], the last row,
+        all Step uses) and the state after the last id. A caller cancelled before the engine reaches
+        its call is dropped, never computed."""
 
 
 class Counter(Protocol):

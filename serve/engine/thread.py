@@ -168,9 +168,9 @@ class ThreadEngine:
         self._inbox.queue.put(stream)
         return stream
 
-    async def predict(self, ids: np.ndarray, state: np.ndarray | None) -> Result:
+    async def predict(self, ids: np.ndarray, state: np.ndarray | None, last_only: bool = False) -> Result:
         self._check_running()
         assert self._loop is not None
-        future: asyncio.Future[Result] = self._loop.create_future()
-        self._inbox.queue.put(Job(ids, state, future))
+        future: asyncio.Future[Result] = self._loop.create_future()  # cancelled with its caller: dropped
+        self._inbox.queue.put(Job(ids, state, future, last_only=last_only))
         return await future

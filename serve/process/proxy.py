@@ -66,7 +66,7 @@ class ProcessEngine:
         self._model = read_model(model)
         self.hang_seconds = hang_seconds
         self.metrics = metrics if metrics is not None else Metrics()
-        self._stats = {"step_calls": 0, "step_rows": 0, "restarts": 0}
+        self._stats = {"step_calls": 0, "step_rows": 0, "restarts": 0, "unclaimed_results": 0}
         # The engine parks a stream `window` ahead of what it knows was read and lets it rejoin at half
         # that. Reports every quarter window keep its knowledge under a quarter behind, so a reader who
         # caught up and waits is always within half a window: the stream rejoins, whatever the window.
@@ -260,17 +260,18 @@ class ProcessEngine:
                                                                 stream.seed), max_chars, tuple(stops)))
         return stream
 
-    async def predict(self, ids: np.ndarray, state: np.ndarray | None) -> Result:
+    async def predict(self, ids: np.ndarray, state: np.ndarray | None, last_only: bool = False) -> Result:
         self._check_running()
         assert self._loop is not None
         jid = self._new_id()
         future: asyncio.Future[Result] = self._loop.create_future()
         self._jobs[jid] = future
-        self._send(records.Predict(jid, ids, state))
+        self._send(records.Predict(jid, ids, state, last_only))
         try:
             return await future
         finally:
-            self._jobs.pop(jid, None)
+            if self._jobs.pop(jid, None) is not None and self.running:  # no answer yet: the caller left
+                self._send(records.Drop(jid), quiet=True)
 
     def _new_id(self) -> int:
         self._next_id += 1
@@ -345,6 +346,8 @@ class ProcessEngine:
                 future = self._jobs.pop(record.job, None)
                 if future is not None and not future.done():
                     future.set_result((record.logits, record.state))
+                else:  # computed for a caller that had gone
+                    self._stats["unclaimed_results"] += 1
             elif type(record) is records.Failed:
                 error = record.error.exception()
                 streams = (self._streams.pop(key, None) for key in record.streams)

@@ -47,11 +47,19 @@ class Cancel(NamedTuple):
 
 
 class Predict(NamedTuple):
-    """A Predict/Step job: feed ids from state (None = zero state)."""
+    """A Predict/Step job: feed ids from state (None = zero state); last_only: answer with the last
+    row of logits only (Step)."""
 
     job: int
     ids: np.ndarray
     state: np.ndarray | None
+    last_only: bool
+
+
+class Drop(NamedTuple):
+    """The job's caller has gone: do not compute it, if it has not been computed yet."""
+
+    job: int
 
 
 class Stop(NamedTuple):
@@ -117,11 +125,11 @@ class StartFailed(NamedTuple):
     error: Failure
 
 
-Record = Model | Generate | Consumed | Cancel | Predict | Stop | Ready | Chars | Done | Failed | StartFailed
+Record = Model | Generate | Consumed | Cancel | Predict | Drop | Stop | Ready | Chars | Done | Failed | StartFailed
 
 _ERRORS: dict[str, type[ServeError]] = {cls.__name__: cls for cls in (EngineFailure, Unavailable, ModelError,
                                                                        DeviceError)}
-_KIND: dict[type, bytes] = {Model: b"M", Generate: b"G", Cancel: b"C", Consumed: b"K", Predict: b"J", Stop: b"S",
+_KIND: dict[type, bytes] = {Model: b"M", Generate: b"G", Cancel: b"C", Consumed: b"K", Predict: b"J", Drop: b"X", Stop: b"S",
                             Ready: b"R", Chars: b"T", Done: b"D", Failed: b"F", StartFailed: b"E"}
 _TYPE = {kind: cls for cls, kind in _KIND.items()}
 _CHARS, _MODEL = _KIND[Chars], _KIND[Model]
