@@ -98,7 +98,7 @@ class CharRNNInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Continuation,
                                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        method: str = details.method  # type: ignore[attr-defined]
+        method: str = details.method
         if handler is None or not method.startswith(PREFIX):
             return handler
         return self._wrap(handler, method[len(PREFIX):])

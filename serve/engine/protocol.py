@@ -92,7 +92,14 @@ class StepMetrics(Protocol):
     """What the scheduler counts, once per onnxruntime call: prometheus metrics in the server process
     (serve/ops/metrics.py), a tally shipped to it in the engine process (serve/process/child.py)."""
 
-    characters: Counter
-    cancelled_streams: Counter
-    step_seconds: Series
-    batch_size: Series
+    @property
+    def characters(self) -> Counter: ...
+
+    @property
+    def cancelled_streams(self) -> Counter: ...
+
+    @property
+    def step_seconds(self) -> Series: ...
+
+    @property
+    def batch_size(self) -> Series: ...

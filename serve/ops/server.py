@@ -85,7 +85,7 @@ class Server:
         assert self._health_lock is not None
         async with self._health_lock:  # updates land in the order the engine reported them
             for name in names:
-                await self.health.set(name, status)  # type: ignore[arg-type]
+                await self.health.set(name, status)
 
     async def stop(self, grace: float | None = 1.0) -> None:
         """Stops at once: calls in flight get `grace` seconds, then gRPC cancels them."""

@@ -151,7 +151,8 @@ class ProcessEngine:
         if not self.running or not (self._jobs or any(s.waiting for s in self._streams.values())):
             self._progress = now
         elif now - self._progress >= self.hang_seconds and not self._hung:
-            log.error("the engine process made no progress for %.1f s with work waiting; killing it", now - self._progress)
+            log.error("the engine process made no progress for %.1f s with work waiting; killing it",
+                      now - self._progress)
             self._hung = True
             self.proc.kill()  # its stdout closes: _on_readable sees the end and restarts it
         self._loop.call_later(self.hang_seconds / 4, self._watchdog)

@@ -129,8 +129,10 @@ Record = Model | Generate | Consumed | Cancel | Predict | Drop | Stop | Ready | 
 
 _ERRORS: dict[str, type[ServeError]] = {cls.__name__: cls for cls in (EngineFailure, Unavailable, ModelError,
                                                                        DeviceError)}
-_KIND: dict[type, bytes] = {Model: b"M", Generate: b"G", Cancel: b"C", Consumed: b"K", Predict: b"J", Drop: b"X", Stop: b"S",
-                            Ready: b"R", Chars: b"T", Done: b"D", Failed: b"F", StartFailed: b"E"}
+_KIND: dict[type, bytes] = {
+    Model: b"M", Generate: b"G", Cancel: b"C", Consumed: b"K", Predict: b"J", Drop: b"X", Stop: b"S",  # to the engine
+    Ready: b"R", Chars: b"T", Done: b"D", Failed: b"F", StartFailed: b"E",                              # from it
+}
 _TYPE = {kind: cls for cls, kind in _KIND.items()}
 _CHARS, _MODEL = _KIND[Chars], _KIND[Model]
 _LENGTH = struct.Struct("<I")

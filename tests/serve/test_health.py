@@ -89,10 +89,11 @@ def test_health_turns_not_serving_while_a_killed_engine_is_replaced(text_model):
     try:
         engine = live.server.engine
         assert [check(live.channel, name) for name in NAMES] == [SERVING] * 3
-        stream = long_stream(live)
+        streams = [long_stream(live) for _ in range(8)]
         os.kill(engine.proc.pid, signal.SIGKILL)
-        error = drain(stream)
-        assert error.code() == grpc.StatusCode.UNAVAILABLE and "exited unexpectedly" in error.details()
+        for stream in streams:
+            error = drain(stream)
+            assert error.code() == grpc.StatusCode.UNAVAILABLE and "exited unexpectedly" in error.details()
         wait_for(lambda: engine.stats["restarts"] == 1, "the engine process was not replaced")
         wait_for(lambda: all(w.statuses[-1] == SERVING for w in watches.values()), "health did not come back")
         for name in ("", "charrnn.v1.CharRNN"):
@@ -115,11 +116,12 @@ def test_a_hung_engine_is_killed_and_replaced_but_an_idle_one_is_left_alone(text
         os.kill(engine.proc.pid, signal.SIGCONT)
         assert engine.stats["restarts"] == 0 and watch.statuses == [SERVING]
 
-        stream = long_stream(live)
-        os.kill(engine.proc.pid, signal.SIGSTOP)  # alive, making no progress, a reader waiting
+        streams = [long_stream(live) for _ in range(8)]
+        os.kill(engine.proc.pid, signal.SIGSTOP)  # alive, making no progress, readers waiting
         started = time.monotonic()
-        error = drain(stream)
-        assert error.code() == grpc.StatusCode.UNAVAILABLE and "stopped making progress" in error.details()
+        for stream in streams:
+            error = drain(stream)
+            assert error.code() == grpc.StatusCode.UNAVAILABLE and "stopped making progress" in error.details()
         assert time.monotonic() - started < 30
         wait_for(lambda: engine.stats["restarts"] == 1, "the hung engine process was not replaced")
         wait_for(lambda: watch.statuses[-1] == SERVING, "health did not come back")

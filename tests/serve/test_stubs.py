@@ -21,7 +21,8 @@ def test_stubs_regenerate_identically(tmp_path):
                    cwd=ROOT, check=True, capture_output=True)
     for name in GENERATED:
         fresh = tmp_path / "serve/api/pb/charrnn/v1" / name
-        assert fresh.read_text() == (ROOT / "serve/api/pb/charrnn/v1" / name).read_text(), f"{name} is stale: make protos"
+        committed = (ROOT / "serve/api/pb/charrnn/v1" / name).read_text()
+        assert fresh.read_text() == committed, f"{name} is stale: make protos"
 
 
 def test_generated_imports_are_package_qualified():
