@@ -42,6 +42,11 @@ class Unavailable(ServeError):
     """The server is shutting down, or the engine is not running."""
 
 
+class EngineLost(Unavailable):
+    """The engine process died or hung and could not be restarted: the server exits (non-zero) so
+    that its supervisor (compose, Kubernetes) starts it afresh."""
+
+
 class ResourceExhausted(ServeError):
     """The server is at its limit of concurrent calls; refused at once, never queued."""
 

@@ -113,7 +113,8 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Continuation,
                                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        rpc = _rpc(details.method)  # type: ignore[attr-defined]
+        method: str = details.method
+        rpc = _rpc(method)
         if handler is None or rpc is None or (not self._probes and rpc in PROBES):
             return handler
         return self._wrap(handler, rpc)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -27,6 +27,14 @@ class Finish(enum.IntEnum):
     NONE = 0
     LENGTH = 1
     STOP = 2
+
+
+class EngineState(enum.Enum):
+    """What health reports follow (serve/ops/server.py)."""
+
+    SERVING = "serving"        # takes work
+    RESTARTING = "restarting"  # down (died, or killed when it hung) and being replaced; work is refused
+    FAILED = "failed"          # could not be replaced: the server exits so that its supervisor restarts it
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,9 @@ class Engine(Protocol):
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Starts serving; results are handed to callers on `loop`."""
 
+    def watch(self, callback: Callable[[EngineState], None]) -> None:
+        """callback(state) on the loop whenever the engine's state changes (it starts SERVING)."""
+
     def stop(self, reason: str = "the server is shutting down") -> None:
         """Ends the engine; streams and jobs still in it fail with Unavailable(reason)."""
 
@@ -62,8 +73,11 @@ class Engine(Protocol):
                  stops: Sequence[str] = ()) -> Stream:
         """Starts a Generate stream (Unavailable when not running); iterate it, `close()` it when done."""
 
-    async def predict(self, ids: np.ndarray, state: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Feeds ids [T] from state (None = zero state): logits [T, V] and the state after the last id."""
+    async def predict(self, ids: np.ndarray, state: np.ndarray | None,
+                      last_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Feeds ids [T] from state (None = zero state): logits [T, V] (last_only: [1, V], the last row,
+        all Step uses) and the state after the last id. A caller cancelled before the engine reaches
+        its call is dropped, never computed."""
 
     async def infer(self, ids: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The raw model call KServe's ModelInfer makes for one row: ids [T] from state [L, S]; always
@@ -83,7 +97,14 @@ class StepMetrics(Protocol):
     """What the scheduler counts, once per onnxruntime call: prometheus metrics in the server process
     (serve/ops/metrics.py), a tally shipped to it in the engine process (serve/process/child.py)."""
 
-    characters: Counter
-    cancelled_streams: Counter
-    step_seconds: Series
-    batch_size: Series
+    @property
+    def characters(self) -> Counter: ...
+
+    @property
+    def cancelled_streams(self) -> Counter: ...
+
+    @property
+    def step_seconds(self) -> Series: ...
+
+    @property
+    def batch_size(self) -> Series: ...

@@ -126,15 +126,23 @@ def _check_signature(session: ort.InferenceSession, spec: ModelSpec) -> None:
                 raise ModelError(spec.path, f"{name} dimension {axis} is {got}, metadata says {want}")
 
 
-class Runtime:
-    """One onnxruntime session over one model file, called from a single worker thread."""
+def read_model(path: str | Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise ModelError(str(path), f"cannot read model file: {error.strerror or error}") from None
 
-    def __init__(self, path: str | Path, device: str = "auto", threads: int = 1) -> None:
+
+class Runtime:
+    """One onnxruntime session over one model file, called from a single worker thread.
+
+    data: the file's bytes when the caller read them already (an engine process restarted by the server
+    loads the bytes the server read at start, whatever the file holds by then); path names the model."""
+
+    def __init__(self, path: str | Path, device: str = "auto", threads: int = 1, data: bytes | None = None) -> None:
         path = str(path)
-        try:
-            data = Path(path).read_bytes()
-        except OSError as error:
-            raise ModelError(path, f"cannot read model file: {error.strerror or error}") from None
+        if data is None:
+            data = read_model(path)
         sha256 = hashlib.sha256(data).hexdigest()
         providers = choose_providers(device)
         options = ort.SessionOptions()

@@ -131,7 +131,7 @@ class Scheduler:
         self._rows: list[Stream] = []
         self._batches: list[_Batch] = []
         self.stats = {"step_calls": 0, "step_rows": 0, "prefill_calls": 0, "job_calls": 0, "rider_rows": 0,
-                      "ort_seconds": 0.0}
+                      "dropped_jobs": 0, "ort_seconds": 0.0}
 
     def run(self) -> None:
         stepped = False
@@ -198,7 +198,7 @@ class Scheduler:
         return result
 
     def _run_jobs(self, jobs: list[Job]) -> None:
-        jobs = [j for j in jobs if not j.cancelled()]
+        jobs = self._live(jobs)
         for group in _group(jobs, lambda j: len(j.ids), self.max_batch):
             ids = np.stack([j.ids for j in group])
             state = self.runtime.zero_state(len(group))
@@ -212,7 +212,13 @@ class Scheduler:
                 self.sink.results([(j, None, EngineFailure("model execution failed")) for j in group])
                 continue
             self.stats["job_calls"] += 1
-            self.sink.results([(j, (logits[i], state_out[i]), None) for i, j in enumerate(group)])
+            self.sink.results([(j, j.result(logits[i], state_out[i]), None) for i, j in enumerate(group)])
+
+    def _live(self, jobs: list[Job]) -> list[Job]:
+        """The jobs whose callers still wait: one that has gone is dropped before its call."""
+        live = [j for j in jobs if not j.cancelled()]
+        self.stats["dropped_jobs"] += len(jobs) - len(live)
+        return live
 
     def _admit(self, fresh: list[Stream]) -> None:
         waiting = len(fresh)
@@ -263,7 +269,7 @@ class Scheduler:
         riders: one-character Predict/Step jobs, added as extra rows to a step call whose state is on the
         host (CPU) while it has room; whatever does not fit gets a call of its own.
         """
-        riders = [j for j in riders or () if not j.cancelled()]
+        riders = self._live(riders or [])
         if any(s.cancelled for s in self._active):
             active = len(self._active)
             self._active = [s for s in self._active if not s.cancelled]

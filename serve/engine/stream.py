@@ -125,6 +125,11 @@ class Stream:
         self._items.append(item)
         return self._waiter is not None  # after the append: see `wait`
 
+    @property
+    def waiting(self) -> bool:
+        """Loop side: whether the consumer waits for the engine now."""
+        return self._waiter is not None
+
     def wake(self) -> None:
         """Loop side: ends a pending `wait()`."""
         waiter = self._waiter
@@ -153,15 +158,22 @@ class Job:
     """A Predict/Step request: feed ids from a host state, return the logits and the final state.
 
     future: where the thread engine's caller awaits the result; key: the job's id between the server
-    and an engine process (which answers by id instead)."""
+    and an engine process (which answers by id instead); last_only: only the last row of the logits
+    is wanted; dropped: the caller has gone (the engine process learns it from the server)."""
 
     ids: np.ndarray
     state: np.ndarray | None
     future: asyncio.Future[Result] | None = None
     key: int = 0
+    last_only: bool = False
+    dropped: bool = False
 
     def cancelled(self) -> bool:
-        return self.future is not None and self.future.cancelled()
+        return self.dropped or (self.future is not None and self.future.cancelled())
+
+    def result(self, logits: np.ndarray, state: np.ndarray) -> Result:
+        """What the caller gets from its rows of a call: logits [T, V], or [1, V] when last_only."""
+        return (logits[-1:] if self.last_only else logits), state
 
 
 @dataclass(frozen=True)

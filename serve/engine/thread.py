@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from serve.engine.protocol import Finish, SamplingParams, StepMetrics
+from serve.engine.protocol import EngineState, Finish, SamplingParams, StepMetrics
 from serve.engine.runtime import Runtime
 from serve.engine.scheduler import JobOutcome, Scheduler, Work
 from serve.engine.stream import Job, Result, Stop, Stream
@@ -143,6 +143,10 @@ class ThreadEngine:
         self._thread = threading.Thread(target=self.scheduler.run, name="charrnn-engine", daemon=True)
         self._thread.start()
 
+    def watch(self, callback: Callable[[EngineState], None]) -> None:
+        """Nothing to report: the worker thread outlives any failure of a call (each fails alone), and a
+        thread cannot be killed and replaced the way an engine process is."""
+
     def stop(self, reason: str = "the server is shutting down") -> None:
         if self._thread is not None and self._thread.is_alive():
             self._stopping = True  # refuse new work before the worker drains the inbox for the last time
@@ -164,11 +168,11 @@ class ThreadEngine:
         self._inbox.queue.put(stream)
         return stream
 
-    async def predict(self, ids: np.ndarray, state: np.ndarray | None) -> Result:
+    async def predict(self, ids: np.ndarray, state: np.ndarray | None, last_only: bool = False) -> Result:
         self._check_running()
         assert self._loop is not None
-        future: asyncio.Future[Result] = self._loop.create_future()
-        self._inbox.queue.put(Job(ids, state, future))
+        future: asyncio.Future[Result] = self._loop.create_future()  # cancelled with its caller: dropped
+        self._inbox.queue.put(Job(ids, state, future, last_only=last_only))
         return await future
 
     async def infer(self, ids: np.ndarray, state: np.ndarray) -> Result:

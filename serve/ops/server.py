@@ -2,6 +2,12 @@
 
     python -m serve --model runs/demo/model.onnx     # prints one ready line, then serves
 
+Health: the whole server ("") and the CharRNN service name report readiness, SERVING only while the
+engine takes work (NOT_SERVING while an engine process that died or hung is replaced). The name
+`liveness` stays SERVING while the server can still recover, for liveness probes; when the engine
+cannot be replaced (serve/process/proxy.py MAX_RESTARTS) everything turns NOT_SERVING and the process
+exits 1, so that compose or Kubernetes restarts it.
+
 Shutdown (SIGTERM or SIGINT): health turns NOT_SERVING and new calls get UNAVAILABLE at once; calls in
 flight run to completion within --grace seconds; a second signal, or the end of grace, cuts the rest
 with UNAVAILABLE and a message saying so. The process then exits 0.
@@ -30,15 +36,15 @@ from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 from serve.api.pb.inference import grpc_service_pb2 as inference_pb
 from serve.api.pb.inference import grpc_service_pb2_grpc as inference_grpc
 from serve.api.servicer import CharRNNServicer
-from serve.engine.protocol import Engine
+from serve.engine.protocol import Engine, EngineState
 from serve.engine.runtime import Runtime
 from serve.engine.thread import ThreadEngine
-from serve.errors import ConfigError, DeviceError, EngineFailure, ModelError
+from serve.errors import ConfigError, DeviceError, EngineFailure, EngineLost, ModelError
 from serve.ops.loops import loop_factory
 from serve.ops.metrics import Metrics
 from serve.ops.settings import Settings
-from serve.process.proxy import ProcessEngine
 from serve.ops.version import project_version
+from serve.process.proxy import MAX_RESTARTS, ProcessEngine
 from serve.service.charrnn import CharRNNService
 from serve.service.inference import InferenceService
 from serve.service.sequences import Sequences
@@ -47,7 +53,10 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CharRNN"].full_name  # "charrnn.v1.CharRNN"
 INFERENCE_SERVICE_NAME = inference_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-API_SERVICES = (SERVICE_NAME, INFERENCE_SERVICE_NAME)  # what health reports, beside the server as a whole ("")
+API_SERVICES = (SERVICE_NAME, INFERENCE_SERVICE_NAME)
+READINESS = ("", *API_SERVICES)  # health names that say whether calls can be served now
+LIVENESS = "liveness"  # the health name that says whether the server can still recover
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class Server:
@@ -64,12 +73,28 @@ class Server:
         self.address = address
         self.provider = provider
         self.metrics_port = metrics_port  # None = metrics off
+        self.lost: asyncio.Event | None = None  # set when the engine could not be brought back
+        self._health_lock: asyncio.Lock | None = None
 
     async def start(self) -> None:
+        self.lost, self._health_lock = asyncio.Event(), asyncio.Lock()
+        self.engine.watch(self._engine_changed)
         self.engine.start(asyncio.get_running_loop())
         await self.grpc.start()
-        for name in ("", *API_SERVICES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health((*READINESS, LIVENESS), SERVING)
+
+    def _engine_changed(self, state: EngineState) -> None:
+        names = (*READINESS, LIVENESS) if state is EngineState.FAILED else READINESS
+        asyncio.ensure_future(self._set_health(names, SERVING if state is EngineState.SERVING else NOT_SERVING))
+        if state is EngineState.FAILED:
+            assert self.lost is not None
+            self.lost.set()
+
+    async def _set_health(self, names: tuple[str, ...], status: int) -> None:
+        assert self._health_lock is not None
+        async with self._health_lock:  # updates land in the order the engine reported them
+            for name in names:
+                await self.health.set(name, status)
 
     async def stop(self, grace: float | None = 1.0) -> None:
         """Stops at once: calls in flight get `grace` seconds, then gRPC cancels them."""
@@ -158,7 +183,7 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
     engine: Engine
     if settings.engine == "process":  # the engine process loads and checks the model; nothing here does
         engine = ProcessEngine(settings.model, settings.device, settings.threads, settings.max_batch,
-                               settings.max_delay_us, metrics=metrics)
+                               settings.max_delay_us, metrics=metrics, hang_seconds=settings.engine_hang_seconds)
     else:
         engine = ThreadEngine(Runtime(settings.model, settings.device, settings.threads), settings.max_batch,
                               settings.max_delay_us, metrics=metrics)
@@ -221,12 +246,20 @@ async def serve(settings: Settings, reuse_port: bool = False,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
-    tasks = [asyncio.ensure_future(server.wait_for_termination()), asyncio.ensure_future(stop.wait())]
+    assert server.lost is not None
+    lost = asyncio.ensure_future(server.lost.wait())
+    tasks = [asyncio.ensure_future(server.wait_for_termination()), asyncio.ensure_future(stop.wait()), lost]
     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    log.info("shutting down")
-    await server.drain(settings.grace, cut)
-    for task in tasks:
+    if lost.done():
+        await server.stop(grace=1.0)  # the engine failed what it had; nothing else can be served
+    else:
+        log.info("shutting down")
+        await server.drain(settings.grace, cut)
+    for task in tasks:  # after stopping: grpc's shutdown must not see its termination wait cancelled
         task.cancel()
+    if lost.done():
+        raise EngineLost(f"the engine process could not be restarted ({MAX_RESTARTS} attempts in a row); exiting "
+                         "so that the supervisor restarts the server")
 
 
 def run(settings: Settings, reuse_port: bool = False,
@@ -240,6 +273,9 @@ def run(settings: Settings, reuse_port: bool = False,
     except (ModelError, ConfigError) as error:  # its message starts with the file's path or the flag
         print(f"charrnn serve: {error}", file=sys.stderr, flush=True)
         return 2
+    except EngineLost as error:  # after serving for a while
+        print(f"charrnn serve: {error}", file=sys.stderr, flush=True)
+        return 1
     except (DeviceError, EngineFailure, OSError) as error:
         print(f"charrnn serve: cannot serve {settings.model}: {error}", file=sys.stderr, flush=True)
         return 2

@@ -41,6 +41,9 @@ class Settings:
     engine: str = field(default="process", metadata={
         "help": "where onnxruntime and sampling run: process (a child process, no GIL shared with gRPC) or "
                 "thread (a thread of the server process)", "choices": ("process", "thread")})
+    engine_hang_seconds: float = field(default=5.0, metadata={
+        "help": "--engine process: an engine process that sends nothing back for this long while work waits "
+                "on it is taken for hung, killed and replaced (health NOT_SERVING meanwhile); 0 = never"})
     event_loop: str = field(default="auto", metadata={
         "help": "asyncio event loop: auto (uvloop where installed, else asyncio's own), uvloop, or asyncio",
         "choices": LOOPS})

@@ -65,15 +65,24 @@ class Tally:
         return taken
 
 
-class PipeInbox:
-    """The server's records from `fd`, turned into work; progress and cancellations are applied to the
-    streams they name as they arrive."""
+class InFlight:
+    """The streams and jobs the server may still name, by key: the inbox adds them, the sink forgets
+    those it has answered for good."""
 
-    def __init__(self, fd: int, vocab: Sequence[str], streams: dict[int, Stream]) -> None:
+    def __init__(self) -> None:
+        self.streams: dict[int, Stream] = {}
+        self.jobs: dict[int, Job] = {}
+
+
+class PipeInbox:
+    """The server's records from `fd`, turned into work; progress, cancellations and dropped jobs are
+    applied to what they name as they arrive."""
+
+    def __init__(self, fd: int, vocab: Sequence[str], live: InFlight, reader: records.Reader) -> None:
         self._fd = fd
         self._vocab = vocab
-        self._reader = records.Reader()
-        self._streams = streams  # shared with the sink, which forgets streams that ended
+        self._reader = reader
+        self._live = live
 
     def get(self, timeout: float | None) -> list[Work] | None:
         if not readable(self._fd, timeout):
@@ -85,7 +94,7 @@ class PipeInbox:
         if not data:  # the server is gone
             return [Stop("the server process exited")]
         items: list[Work] = []
-        streams = self._streams
+        streams, jobs = self._live.streams, self._live.jobs
         for record in self._reader.feed(data):
             if type(record) is records.Consumed:
                 stream = streams.get(record.stream)
@@ -101,7 +110,12 @@ class PipeInbox:
                 if cancelled is not None:
                     cancelled.cancelled = True
             elif type(record) is records.Predict:
-                items.append(Job(record.ids, record.state, key=record.job))
+                job = jobs[record.job] = Job(record.ids, record.state, key=record.job, last_only=record.last_only)
+                items.append(job)
+            elif type(record) is records.Drop:
+                dropped = jobs.pop(record.job, None)
+                if dropped is not None:  # not computed yet: the scheduler leaves it out of its call
+                    dropped.dropped = True
             elif type(record) is records.Stop:
                 items.append(Stop(record.reason))
         return items
@@ -113,10 +127,10 @@ class PipeInbox:
 class PipeSink:
     """The scheduler's output as records on `fd`."""
 
-    def __init__(self, fd: int, tally: Tally, streams: dict[int, Stream]) -> None:
+    def __init__(self, fd: int, tally: Tally, live: InFlight) -> None:
         self._fd = fd
         self._tally = tally
-        self._streams = streams
+        self._streams, self._jobs = live.streams, live.jobs
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -136,6 +150,7 @@ class PipeSink:
 
     def results(self, outcomes: list[JobOutcome]) -> None:
         for job, value, error in outcomes:
+            self._jobs.pop(job.key, None)
             if error is None:
                 assert value is not None
                 self.write(records.encode(records.Done(job.key, *value)))
@@ -155,10 +170,22 @@ class PipeSink:
             self.chars([], [], np.empty(0), [])
 
 
+def read_model(fd: int, reader: records.Reader) -> bytes | None:
+    """The Model record the server sends first; None if the server went away before sending it."""
+    while True:
+        data = os.read(fd, 1 << 20)
+        if not data:
+            return None
+        got = reader.feed(data)
+        if got:
+            assert type(got[0]) is records.Model and len(got) == 1, got
+            return got[0].data
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="charrnn's engine process; started by `python -m serve`, talks "
                                             "records (serve/process/records.py) on stdin and stdout")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="the model's path, for messages: its bytes come on stdin")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-batch", type=int, default=256)
@@ -172,14 +199,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = os.dup(1)
     os.dup2(2, 1)  # stdout carries records only: anything printed goes to stderr
     inp = sys.stdin.buffer.fileno()
+    reader = records.Reader()
+    data = read_model(inp, reader)
+    if data is None:
+        return 0
     try:
-        runtime = Runtime(args.model, args.device, args.threads)
+        runtime = Runtime(args.model, args.device, args.threads, data=data)
     except (ModelError, DeviceError) as error:
         os.write(out, records.encode(records.StartFailed(records.Failure.of(error))))
         return 2
-    tally, streams = Tally(), dict[int, Stream]()
-    sink = PipeSink(out, tally, streams)
-    scheduler = Scheduler(runtime, PipeInbox(inp, runtime.spec.vocab, streams), sink, tally,
+    tally, live = Tally(), InFlight()
+    sink = PipeSink(out, tally, live)
+    scheduler = Scheduler(runtime, PipeInbox(inp, runtime.spec.vocab, live, reader), sink, tally,
                           max_batch=args.max_batch, max_delay_us=args.max_delay_us, window=args.window)
     sink.write(records.encode(records.Ready(runtime.provider, runtime.spec)))
     scheduler.run()  # returns after Stop (or the server's exit), having failed what was left

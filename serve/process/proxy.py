@@ -12,8 +12,13 @@ With the engine there the server process keeps only gRPC and delivery, and the t
 
 The records are in serve/process/records.py. The engine process ignores SIGINT/SIGTERM (a terminal's Ctrl-C
 reaches the whole process group; the server drains and then stops the engine) and exits when its
-stdin closes, so it never outlives the server. If it dies, the server fails what was in flight with
-UNAVAILABLE, starts a new one, and serves again once that is ready.
+stdin closes, so it never outlives the server.
+
+If it dies, or hangs (work waits on it and nothing comes back for `hang_seconds`; it is then killed),
+what it had in flight fails with UNAVAILABLE and a new one starts, from the model bytes read at start
+(a file changed or gone since then changes nothing: only an explicit reload may change the model).
+The engine's state (serve/engine/protocol.py EngineState) is RESTARTING meanwhile, SERVING once the
+new one is ready, and FAILED after MAX_RESTARTS failed starts in a row.
 """
 
 from __future__ import annotations
@@ -24,14 +29,14 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from serve.engine.protocol import Finish, SamplingParams
-from serve.engine.runtime import ModelSpec
+from serve.engine.protocol import EngineState, Finish, SamplingParams
+from serve.engine.runtime import ModelSpec, read_model
 from serve.engine.stream import Result, Stream
-from serve.errors import EngineFailure, ServeError, Unavailable
+from serve.errors import EngineFailure, EngineLost, ServeError, Unavailable
 from serve.ops.metrics import Metrics
 from serve.process import records
 from serve.process.pipe import readable
@@ -41,24 +46,32 @@ log = logging.getLogger(__name__)
 CHILD = [sys.executable, "-m", "serve.process.child"]  # bench/model_skipped.py swaps in its own
 _FINISH = tuple(Finish)
 START_TIMEOUT = 120.0
+MAX_RESTARTS = 5  # failed starts in a row before the engine is given up (EngineState.FAILED)
 
 
 class ProcessEngine:
-    """The Engine protocol (serve/engine/protocol.py) over a child process running the scheduler. The
-    model is loaded and checked there only: this process learns its spec and provider from the child's
-    Ready record, or gets the child's ModelError / DeviceError."""
+    """The Engine protocol (serve/engine/protocol.py) over a child process running the scheduler. This
+    process reads the model's bytes and hands them to each child; the model is loaded and checked
+    there only: this process learns its spec and provider from the child's Ready record, or gets the
+    child's ModelError / DeviceError.
+
+    hang_seconds: how long work may wait with nothing coming back before the child is taken for hung
+    and killed (0: never)."""
 
     def __init__(self, model: str, device: str = "auto", threads: int = 1, max_batch: int = 256,
-                 max_delay_us: int = 200, window: int = 1024, metrics: Metrics | None = None) -> None:
+                 max_delay_us: int = 200, window: int = 1024, metrics: Metrics | None = None,
+                 hang_seconds: float = 5.0) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        self._model = read_model(model)
+        self.hang_seconds = hang_seconds
         self.metrics = metrics if metrics is not None else Metrics()
-        self._stats = {"step_calls": 0, "step_rows": 0, "restarts": 0}
+        self._stats = {"step_calls": 0, "step_rows": 0, "restarts": 0, "unclaimed_results": 0}
         # The engine parks a stream `window` ahead of what it knows was read and lets it rejoin at half
         # that. Reports every quarter window keep its knowledge under a quarter behind, so a reader who
         # caught up and waits is always within half a window: the stream rejoins, whatever the window.
         self.report_every = max(1, window // 4)
-        self._argv = [*CHILD, "--model", model, "--device", device, "--threads", str(threads), "--max-batch",
+        self._args = ["--model", model, "--device", device, "--threads", str(threads), "--max-batch",
                       str(max_batch), "--max-delay-us", str(max_delay_us), "--window", str(window)]
         self._streams: dict[int, Stream] = {}
         self._jobs: dict[int, asyncio.Future[Result]] = {}
@@ -69,6 +82,10 @@ class ProcessEngine:
         # block on that pipe: the engine process blocks on its own stdout until the loop reads it.
         self._outgoing = bytearray()
         self._writing = False  # add_writer is set
+        self._watchers: list[Callable[[EngineState], None]] = []
+        self._progress = 0.0  # loop time of the last sign of life from the engine (or of having no work)
+        self._hung = False  # the watchdog killed the engine process
+        self._lost: EngineLost | None = None  # why the engine was given up (EngineState.FAILED)
         self.proc, (self.provider, self.spec) = self._spawn()
         self.vocab = self.spec.vocab
 
@@ -80,11 +97,16 @@ class ProcessEngine:
         """Starts an engine process and waits for its Ready (or the error that stopped it).
 
         Its own session: a terminal's Ctrl-C goes to the server, which stops the engine when it is done."""
-        proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
-                                start_new_session=True)
-        assert proc.stdout is not None
+        proc = subprocess.Popen([*CHILD, *self._args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                close_fds=True, start_new_session=True)
+        assert proc.stdout is not None and proc.stdin is not None
         self._reader = records.Reader()
         try:
+            try:
+                proc.stdin.write(records.encode(records.Model(self._model)))
+                proc.stdin.flush()
+            except BrokenPipeError:
+                pass  # it exited before reading: what it said on stdout, or its silence, tells why
             deadline = time.monotonic() + START_TIMEOUT
             while time.monotonic() < deadline:
                 ready = readable(proc.stdout.fileno(), max(0.0, deadline - time.monotonic()))
@@ -108,6 +130,32 @@ class ProcessEngine:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._attach()
+        if self.hang_seconds > 0:
+            loop.call_later(self.hang_seconds / 4, self._watchdog)
+
+    def watch(self, callback: Callable[[EngineState], None]) -> None:
+        self._watchers.append(callback)
+
+    def _state(self, state: EngineState) -> None:
+        for callback in self._watchers:
+            callback(state)
+
+    def _watchdog(self) -> None:
+        """Every quarter of hang_seconds: kill the engine process if work has waited on it for
+        hang_seconds with nothing coming back. A stream counts as waiting only while its consumer
+        waits: one parked because its reader is slow is no work the engine owes."""
+        if self._stopping:
+            return
+        assert self._loop is not None
+        now = self._loop.time()
+        if not self.running or not (self._jobs or any(s.waiting for s in self._streams.values())):
+            self._progress = now
+        elif now - self._progress >= self.hang_seconds and not self._hung:
+            log.error("the engine process made no progress for %.1f s with work waiting; killing it",
+                      now - self._progress)
+            self._hung = True
+            self.proc.kill()  # its stdout closes: _on_readable sees the end and restarts it
+        self._loop.call_later(self.hang_seconds / 4, self._watchdog)
 
     def _attach(self) -> None:
         assert self._loop is not None and self.proc.stdout is not None and self.proc.stdin is not None
@@ -199,6 +247,8 @@ class ProcessEngine:
     # ---- requests --------------------------------------------------------------------------------
     def _check_running(self) -> None:
         if not self.running:
+            if self._lost is not None:
+                raise self._lost
             raise Unavailable("the engine is not running" if self._stopping else "the engine is restarting")
 
     def generate(self, prompt: np.ndarray, params: SamplingParams, max_chars: int,
@@ -211,17 +261,18 @@ class ProcessEngine:
                                                                 stream.seed), max_chars, tuple(stops)))
         return stream
 
-    async def predict(self, ids: np.ndarray, state: np.ndarray | None) -> Result:
+    async def predict(self, ids: np.ndarray, state: np.ndarray | None, last_only: bool = False) -> Result:
         self._check_running()
         assert self._loop is not None
         jid = self._new_id()
         future: asyncio.Future[Result] = self._loop.create_future()
         self._jobs[jid] = future
-        self._send(records.Predict(jid, ids, state))
+        self._send(records.Predict(jid, ids, state, last_only))
         try:
             return await future
         finally:
-            self._jobs.pop(jid, None)
+            if self._jobs.pop(jid, None) is not None and self.running:  # no answer yet: the caller left
+                self._send(records.Drop(jid), quiet=True)
 
     async def infer(self, ids: np.ndarray, state: np.ndarray) -> Result:
         return await self.predict(ids, state)  # a Predict record's Done carries every row of logits
@@ -283,6 +334,8 @@ class ProcessEngine:
         except BlockingIOError:
             return
         if data:
+            assert self._loop is not None
+            self._progress = self._loop.time()
             self._handle(data)
         elif self._stopping:  # stop() ran in another thread: this is its end
             self._ended()
@@ -297,6 +350,8 @@ class ProcessEngine:
                 future = self._jobs.pop(record.job, None)
                 if future is not None and not future.done():
                     future.set_result((record.logits, record.state))
+                else:  # computed for a caller that had gone
+                    self._stats["unclaimed_results"] += 1
             elif type(record) is records.Failed:
                 error = record.error.exception()
                 streams = (self._streams.pop(key, None) for key in record.streams)
@@ -332,11 +387,17 @@ class ProcessEngine:
         _reject(jobs, error)
 
     def _died(self) -> None:
-        """The engine process exited by itself: fail what was in flight, start another one."""
+        """The engine process exited by itself, or the watchdog killed it: fail what was in flight,
+        start another one."""
         status = self.proc.wait()
-        log.error("the engine process exited unexpectedly (status %s); starting a new one", status)
+        if self._hung:
+            why = f"the model process stopped making progress for {self.hang_seconds:g} s and was restarted"
+        else:
+            why = f"the model process exited unexpectedly (status {status})"
+        log.error("%s; starting a new one", why)
         self._detach()
-        self._fail_all(Unavailable(f"the model process exited unexpectedly (status {status}); retry"))
+        self._state(EngineState.RESTARTING)
+        self._fail_all(Unavailable(f"{why}; retry"))
         self._respawn(0)
 
     def _respawn(self, failures: int) -> None:
@@ -352,12 +413,20 @@ class ProcessEngine:
                 proc.kill()
                 proc.wait()
             return
-        if done.exception() is not None:
-            delay = min(30.0, 0.5 * 2 ** failures)  # keep trying: the model file may come back
-            log.error("the engine process could not be restarted (%s); trying again in %.1f s",
-                      done.exception(), delay)
+        error = done.exception()
+        if error is not None:
+            failures += 1
+            if failures >= MAX_RESTARTS:
+                log.error("the engine process could not be restarted (%s); giving up after %d attempts in a row",
+                          error, failures)
+                self._lost = EngineLost(f"the engine process could not be restarted: {failures} attempts in a "
+                                        f"row failed, the last with: {error}")
+                self._state(EngineState.FAILED)
+                return
+            delay = 0.5 * 2 ** (failures - 1)
+            log.error("the engine process could not be restarted (%s); trying again in %.1f s", error, delay)
             assert self._loop is not None
-            self._loop.call_later(delay, self._respawn, failures + 1)
+            self._loop.call_later(delay, self._respawn, failures)
             return
         proc, _ = done.result()
         if self._stopping:
@@ -365,9 +434,11 @@ class ProcessEngine:
             proc.wait()
             return
         self.proc = proc
+        self._hung = False
         self._stats["restarts"] += 1
         self._attach()
         log.info("the engine process is serving again")
+        self._state(EngineState.SERVING)
 
 
 def _fail(streams: list[Stream], error: BaseException) -> None:

@@ -20,6 +20,13 @@ from serve.errors import DeviceError, EngineFailure, ModelError, ServeError, Una
 
 
 # ---- server -> engine ----------------------------------------------------------------------------
+class Model(NamedTuple):
+    """The first record an engine process reads: the model file's bytes, as the server read them at
+    start (its payload is the bytes themselves, not pickled)."""
+
+    data: bytes
+
+
 class Generate(NamedTuple):
     stream: int
     prompt: np.ndarray
@@ -40,11 +47,19 @@ class Cancel(NamedTuple):
 
 
 class Predict(NamedTuple):
-    """A Predict/Step job: feed ids from state (None = zero state)."""
+    """A Predict/Step job: feed ids from state (None = zero state); last_only: answer with the last
+    row of logits only (Step)."""
 
     job: int
     ids: np.ndarray
     state: np.ndarray | None
+    last_only: bool
+
+
+class Drop(NamedTuple):
+    """The job's caller has gone: do not compute it, if it has not been computed yet."""
+
+    job: int
 
 
 class Stop(NamedTuple):
@@ -110,14 +125,16 @@ class StartFailed(NamedTuple):
     error: Failure
 
 
-Record = Generate | Consumed | Cancel | Predict | Stop | Ready | Chars | Done | Failed | StartFailed
+Record = Model | Generate | Consumed | Cancel | Predict | Drop | Stop | Ready | Chars | Done | Failed | StartFailed
 
 _ERRORS: dict[str, type[ServeError]] = {cls.__name__: cls for cls in (EngineFailure, Unavailable, ModelError,
                                                                        DeviceError)}
-_KIND: dict[type, bytes] = {Generate: b"G", Cancel: b"C", Consumed: b"K", Predict: b"J", Stop: b"S",
-                            Ready: b"R", Chars: b"T", Done: b"D", Failed: b"F", StartFailed: b"E"}
+_KIND: dict[type, bytes] = {
+    Model: b"M", Generate: b"G", Cancel: b"C", Consumed: b"K", Predict: b"J", Drop: b"X", Stop: b"S",  # to the engine
+    Ready: b"R", Chars: b"T", Done: b"D", Failed: b"F", StartFailed: b"E",                              # from it
+}
 _TYPE = {kind: cls for cls, kind in _KIND.items()}
-_CHARS = _KIND[Chars]
+_CHARS, _MODEL = _KIND[Chars], _KIND[Model]
 _LENGTH = struct.Struct("<I")
 _CHARS_HEAD = struct.Struct("<IIII")  # rows, step calls, characters counted, streams cancelled
 
@@ -129,6 +146,8 @@ def _frame(kind: bytes, payload: bytes) -> bytes:
 def encode(record: Record) -> bytes:
     if type(record) is Chars:
         return _frame(_CHARS, _encode_chars(record))
+    if type(record) is Model:
+        return _frame(_MODEL, record.data)
     return _frame(_KIND[type(record)], pickle.dumps(tuple(record), protocol=pickle.HIGHEST_PROTOCOL))
 
 
@@ -157,6 +176,8 @@ def _decode_chars(payload: bytes) -> Chars:
 def _decode(kind: bytes, payload: bytes) -> Record:
     if kind == _CHARS:
         return _decode_chars(payload)
+    if kind == _MODEL:
+        return Model(payload)
     record: Record = _TYPE[kind](*pickle.loads(payload))
     return record
 

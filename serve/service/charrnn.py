@@ -117,7 +117,7 @@ class CharRNNService:
     async def step(self, state: bytes, text: str, top_k: int) -> StepResult:
         """Predict with the state carried by the client as bytes."""
         ids = self._text_ids(text)  # a request wrong in both gets the text's error, as before
-        logits, state_out = await self.engine.predict(ids, self.codec.decode(state))
+        logits, state_out = await self.engine.predict(ids, self.codec.decode(state), last_only=True)
         last = self._predictions(text[-1], logits[-1:], top_k)[0]
         return StepResult(self.codec.encode(state_out), last)
 

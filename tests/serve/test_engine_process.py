@@ -243,3 +243,45 @@ def test_a_small_window_still_resumes_a_reader_that_caught_up(text_model):
             engine.stop()
 
     assert asyncio.run(asyncio.wait_for(run(), timeout=60)) == 300
+
+
+def test_a_predict_whose_caller_left_is_dropped_before_its_call(text_model):
+    """The engine process is stopped while a Step waits in its pipe; the Step's deadline passes; once the
+    engine runs again it drops that Step instead of computing it (no answer comes back for it)."""
+    live = LiveServer(dataclasses.replace(_settings(text_model), engine_hang_seconds=0))
+    try:
+        engine = live.server.engine
+        live.stub.Step(pb.StepRequest(text="it was"), timeout=30)  # warm: the next answer is prompt
+        os.kill(engine.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(grpc.RpcError) as caught:
+                live.stub.Step(pb.StepRequest(text="it was"), timeout=0.5)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            time.sleep(0.3)  # the server has ended the call and told the engine process
+        finally:
+            os.kill(engine.proc.pid, signal.SIGCONT)
+        assert live.stub.Step(pb.StepRequest(text="it was"), timeout=30).next  # read after the one dropped
+        assert engine.stats["unclaimed_results"] == 0, "the engine computed a Step whose caller had gone"
+    finally:
+        live.close()
+
+
+def test_step_brings_back_only_the_last_row_of_logits(text_model):
+    """Step uses the last character's prediction only: the engine process sends that row, not T of them."""
+    import asyncio
+
+    from serve.process.proxy import ProcessEngine
+
+    async def run() -> tuple:
+        engine = ProcessEngine(str(text_model), "cpu")
+        engine.start(asyncio.get_running_loop())
+        try:
+            ids = np.arange(300, dtype=np.int64) % len(engine.vocab)
+            return await engine.predict(ids, None), await engine.predict(ids, None, last_only=True)
+        finally:
+            engine.stop()
+
+    (logits, state), (last, last_state) = asyncio.run(asyncio.wait_for(run(), timeout=60))
+    assert logits.shape[0] == 300 and last.shape == (1, logits.shape[1])
+    np.testing.assert_array_equal(last[0], logits[-1])
+    np.testing.assert_array_equal(last_state, state)

@@ -4,6 +4,7 @@ in the step call, onnxruntime failures confined to their own call, and park hyst
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import numpy as np
@@ -220,3 +221,25 @@ def test_one_character_predict_rides_in_the_step_call_with_the_same_results(runt
         assert logits.shape == want_logits.shape and state.shape == want_state.shape
         np.testing.assert_allclose(logits, want_logits, atol=1e-5)
         np.testing.assert_allclose(state, want_state, atol=1e-5)
+
+
+def test_a_job_whose_caller_left_is_dropped_before_its_call(runtime):
+    """While the worker is busy with one job, a second one's caller gives up: the second is never run."""
+    class Slow(Wrapped):
+        def run(self, ids, state):
+            time.sleep(0.3)
+            return super().run(ids, state)
+
+    engine = ThreadEngine(Slow(runtime))  # type: ignore[arg-type]
+
+    async def scenario():
+        busy = asyncio.ensure_future(engine.predict(np.array([1, 2], dtype=np.int64), None))
+        await asyncio.sleep(0.1)  # the worker is inside the first call now
+        gone = asyncio.ensure_future(engine.predict(np.array([3, 4], dtype=np.int64), None))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await busy
+        return await engine.predict(np.array([1], dtype=np.int64), None)
+
+    run(engine, scenario)
+    assert engine.stats["dropped_jobs"] == 1 and engine.stats["job_calls"] == 2
