@@ -8,7 +8,7 @@ TRITON_STAMP := $(TRITON_VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo
 DEMO_BUDGET ?= 180
 
-.PHONY: install test test-slow test-containers demo protos clean
+.PHONY: install lint test test-slow test-containers demo protos clean
 
 NODE_STAMP := clients/node/node_modules/.package-lock.json
 
@@ -36,7 +36,13 @@ node-install:
 $(NODE_STAMP): clients/node/package-lock.json
 	npm ci --prefix clients/node --no-audit --no-fund
 
-test: install
+# ruff (bugs, style errors, import order) over the whole tree and mypy --strict over serve/, export/ and
+# train/, both configured in pyproject.toml; `make test` runs this first, so a lint failure fails the suite.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: install lint
 	$(BIN)/python -m pytest
 
 # The long runs the default suite leaves out (pyproject's addopts deselect `slow`): e.g. 2500 fuzz examples.
