@@ -69,15 +69,15 @@ def verify(proto: onnx.ModelProto, model: CharRNN, seed: int = 0) -> Report:
         if max(diff) > TOLERANCE:
             report.problems.append(f"batch {batch} seq {seq}: max |diff| {max(diff):.2e} > {TOLERANCE}")
 
-    ids = torch.randint(0, vocab, (3, 12), generator=rng).numpy()
+    chain = torch.randint(0, vocab, (3, 12), generator=rng).numpy()
     zero = np.zeros((3, model.config.num_layers, model.config.state_size), dtype=np.float32)
-    whole_logits, whole_state = sess.run(None, {"input_ids": ids, "state_in": zero})
-    state, steps = zero, []
-    for t in range(ids.shape[1]):
-        logits, state = sess.run(None, {"input_ids": ids[:, t : t + 1], "state_in": state})
+    whole_logits, whole_state = sess.run(None, {"input_ids": chain, "state_in": zero})
+    carried, steps = zero, []
+    for t in range(chain.shape[1]):
+        logits, carried = sess.run(None, {"input_ids": chain[:, t : t + 1], "state_in": carried})
         steps.append(logits)
     report.threading = (float(np.abs(np.concatenate(steps, axis=1) - whole_logits).max()),
-                        float(np.abs(state - whole_state).max()))
+                        float(np.abs(carried - whole_state).max()))
     if max(report.threading) > TOLERANCE:
         report.problems.append(f"state threading: max |diff| {max(report.threading):.2e} > {TOLERANCE}")
     return report

@@ -22,7 +22,7 @@ DTYPES = {"input_ids": onnx.TensorProto.INT64, "state_in": onnx.TensorProto.FLOA
           "logits": onnx.TensorProto.FLOAT, "state_out": onnx.TensorProto.FLOAT}
 
 
-def expected_dims(meta: dict[str, str]) -> dict[str, list]:
+def expected_dims(meta: dict[str, str]) -> dict[str, list[str | int]]:
     layers, state, vocab = int(meta["num_layers"]), int(meta["state_size"]), len(json.loads(meta["vocab"]))
     return {
         "input_ids": [BATCH, SEQ],
@@ -32,7 +32,7 @@ def expected_dims(meta: dict[str, str]) -> dict[str, list]:
     }
 
 
-def dims_of(value: onnx.ValueInfoProto) -> list:
+def dims_of(value: onnx.ValueInfoProto) -> list[str | int]:
     return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
 
 

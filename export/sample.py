@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TextIO
 
 import numpy as np
 import onnxruntime as ort
 
 
-def sample(path: str, prompt: str, chars: int, temperature: float, seed: int, out=sys.stdout) -> str:
+def sample(path: str, prompt: str, chars: int, temperature: float, seed: int, out: TextIO = sys.stdout) -> str:
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     meta = sess.get_modelmeta().custom_metadata_map
     vocab = json.loads(meta["vocab"])

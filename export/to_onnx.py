@@ -12,6 +12,7 @@ import datetime as dt
 import io
 import json
 import warnings
+from typing import Any
 
 import onnx
 import torch
@@ -22,7 +23,7 @@ from train.model import CharRNN, ModelConfig
 OPSET = 17  # the ONNX RNN/GRU/LSTM ops and every runtime we target (onnxruntime >= 1.11, Triton) agree here
 
 
-def rebuild(ckpt: dict) -> CharRNN:
+def rebuild(ckpt: dict[str, Any]) -> CharRNN:
     model = CharRNN(ModelConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model_state"])
     return model.eval()
@@ -37,10 +38,10 @@ def to_onnx(model: CharRNN, vocab: list[str], provenance: dict[str, str]) -> onn
         # The TorchScript exporter is deprecated in favour of dynamo, which is wrong for us (see above).
         warnings.simplefilter("ignore", category=DeprecationWarning)
         # nn.RNN's Python-side shape assertions trace as constants; they check shapes, not data flow.
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined]  # absent from torch.jit.__all__
         warnings.filterwarnings("ignore", message=".*Exporting a model to ONNX with a batch_size other.*")
         torch.onnx.export(
-            model, (ids, state), buffer, dynamo=False, opset_version=OPSET,
+            model, (ids, state), buffer, dynamo=False, opset_version=OPSET,  # type: ignore[arg-type]  # f may be a file object (TorchScript exporter)
             input_names=list(INPUTS), output_names=list(OUTPUTS),
             dynamic_axes={"input_ids": {0: BATCH, 1: SEQ}, "state_in": {0: BATCH},
                           "logits": {0: BATCH, 1: SEQ}, "state_out": {0: BATCH}},
@@ -54,7 +55,7 @@ def to_onnx(model: CharRNN, vocab: list[str], provenance: dict[str, str]) -> onn
         "state_size": str(cfg.state_size),
         "producer": "charrnn",
         "torch_version": str(torch.__version__),
-        "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **provenance,
     }
     del proto.metadata_props[:]
@@ -65,7 +66,7 @@ def to_onnx(model: CharRNN, vocab: list[str], provenance: dict[str, str]) -> onn
     return proto
 
 
-def provenance_of(summary: dict) -> dict[str, str]:
+def provenance_of(summary: dict[str, Any]) -> dict[str, str]:
     val = summary.get("best_val_loss")
     return {
         "corpus": str(summary.get("corpus", "")),

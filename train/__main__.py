@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -77,7 +78,10 @@ def parser() -> argparse.ArgumentParser:
 
 def configs(args: argparse.Namespace, vocab_size: int) -> tuple[ModelConfig, TrainConfig]:
     preset = PRESETS["hihell" if args.corpus == "hihell" else "text"]
-    pick = lambda name: preset.get(name) if getattr(args, name) is None else getattr(args, name)  # noqa: E731
+
+    def pick(name: str) -> Any:  # Any: each option has its own type, which the config dataclass states
+        return preset.get(name) if getattr(args, name) is None else getattr(args, name)
+
     model_cfg = ModelConfig(
         vocab_size=vocab_size, cell=pick("cell"), num_layers=pick("layers"), hidden_size=pick("hidden"),
         input=pick("input"), embed_size=args.embed_size, dropout=pick("dropout"),

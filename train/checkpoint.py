@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,7 +22,7 @@ class CheckpointError(Exception):
     """A checkpoint is missing, unreadable or not one of ours."""
 
 
-def save(path: Path, payload: dict) -> None:
+def save(path: Path, payload: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -42,7 +43,7 @@ def save(path: Path, payload: dict) -> None:
         os.close(dir_fd)
 
 
-def load(path: Path) -> dict:
+def load(path: Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / FILENAME

@@ -14,6 +14,7 @@ import hashlib
 import os
 import tempfile
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,7 +133,7 @@ def streams(ids: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Ten
     return ids[:n].view(batch_size, length), ids[1 : n + 1].view(batch_size, length)
 
 
-def chunks(inputs: torch.Tensor, targets: torch.Tensor, seq_len: int):
+def chunks(inputs: torch.Tensor, targets: torch.Tensor, seq_len: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Consecutive [B, <=seq_len] windows along the streams, in order (the state threads through them)."""
     for t in range(0, inputs.shape[1], seq_len):
         yield inputs[:, t : t + seq_len], targets[:, t : t + seq_len]

@@ -9,6 +9,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +111,7 @@ def _lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
     return cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))  # floor at lr/10
 
 
-def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig) -> dict:
+def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     """Train, keep the best-validation checkpoint in cfg.out, and return the training summary."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -120,9 +121,9 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig) -> dict:
     metrics_path.write_text("")
 
     ids = corpus.encode(corpus.text)
-    train_ids, val_ids = split(ids, cfg.val_fraction)
-    if len(val_ids) < 2:
-        val_ids = None  # too little text to validate on (the seed lesson): keep the last weights
+    train_ids, split_val = split(ids, cfg.val_fraction)
+    # None: too little text to validate on (the seed lesson), so keep the last weights
+    val_ids = split_val if len(split_val) >= 2 else None
     inputs, targets = streams(train_ids, cfg.batch_size)
     steps_per_epoch = math.ceil(inputs.shape[1] / cfg.seq_len)
     budget = _Budget(cfg, steps_per_epoch)
@@ -142,11 +143,11 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig) -> dict:
     best_val, best_step = math.inf, 0
     last_train_loss = math.nan
 
-    def emit(record: dict) -> None:
+    def emit(record: dict[str, Any]) -> None:
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def summary() -> dict:
+    def summary() -> dict[str, Any]:
         return {
             "corpus": corpus.name,
             "corpus_chars": len(ids),
@@ -172,6 +173,7 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig) -> dict:
 
     def validate() -> None:
         nonlocal best_val, best_step
+        assert val_ids is not None  # called only when there is a validation split
         val = evaluate(model, val_ids, cfg.val_streams, max(cfg.seq_len, 256), device)
         improved = val < best_val
         if improved:

@@ -8,6 +8,7 @@ For LSTM the state row holds h then c, so state_size = 2 * hidden_size.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +43,14 @@ class ModelConfig:
     def state_size(self) -> int:
         return 2 * self.hidden_size if self.cell == "lstm" else self.hidden_size
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class CharRNN(nn.Module):
     """ids [B, T] int64, state [B, L, S] float32 -> logits [B, T, V], state [B, L, S]."""
+
+    onehot: torch.Tensor  # a buffer (register_buffer below), present only for one-hot input
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
