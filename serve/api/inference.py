@@ -14,12 +14,21 @@ from collections.abc import AsyncIterator
 import grpc
 
 from serve.api.admission import Gate
+from serve.api.interceptors import Context  # grpc.aio.ServicerContext, for any rpc
 from serve.api.pb.inference import grpc_service_pb2 as pb
 from serve.api.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from serve.api.status import status_of
 from serve.api.tensors import inputs_of, response_of, sequence_of
-from serve.service.inference import (IDS, LOGITS, PLATFORM, STATE_IN, STATE_OUT, InferenceService, InferRequest,
-                                     TritonConfig)
+from serve.service.inference import (
+    IDS,
+    LOGITS,
+    PLATFORM,
+    STATE_IN,
+    STATE_OUT,
+    InferenceService,
+    InferRequest,
+    TritonConfig,
+)
 from serve.service.inference import VERSION as MODEL_VERSION
 
 log = logging.getLogger(__name__)
@@ -60,24 +69,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _ready(self) -> bool:
         return self.service.ready and not self._gate.draining
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest,
-                          context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+                          context: Context) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest,
-                         context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+                         context: Context) -> pb.ModelReadyResponse:
         self.service.check_model(request.name, request.version)
         return pb.ModelReadyResponse(ready=self._ready())
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
-                             context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+                             context: Context) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
-                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+                            context: Context) -> pb.ModelMetadataResponse:
         meta = self.service.metadata(request.name, request.version)
         return pb.ModelMetadataResponse(
             name=meta.name, versions=meta.versions, platform=meta.platform,
@@ -87,7 +96,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                      for t in meta.outputs])
 
     async def ModelConfig(self, request: pb.ModelConfigRequest,
-                          context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+                          context: Context) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(config=model_config(self.service.config(request.name, request.version)))
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
@@ -98,16 +107,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response_of(request, self.service.model_name, MODEL_VERSION, outputs)
 
     async def ModelInfer(self, request: pb.ModelInferRequest,
-                         context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+                         context: Context) -> pb.ModelInferResponse:
         return await self._infer(request)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
-                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
+                               context: Context) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """One response per request, in order; a failed request's is its error_message."""
         async for request in request_iterator:
             try:
                 response = await self._infer(request)
-            except Exception as error:  # noqa: BLE001 - the stream goes on, as Triton's does
+            except Exception as error:  # the stream goes on, as Triton's does
                 code, message = status_of(error)
                 if code is grpc.StatusCode.INTERNAL:
                     log.error("ModelStreamInfer request failed", exc_info=error)

@@ -12,8 +12,8 @@ server interceptors in one ordered chain (`chain`), outermost first:
 
 Health and reflection pass through untouched, so orchestrators can always probe. KServe's own probes
 (ServerLive, ServerReady, ModelReady) are health rpcs too: auth and admission leave them alone (a
-draining server answers ready=false rather than UNAVAILABLE), the log line, metrics and Outcome do not. Only Outcome wraps a
-streaming handler's messages (a generator around the handler's); the others act when the call starts
+draining server answers ready=false rather than UNAVAILABLE), the log line, metrics and Outcome do not. Only
+Outcome wraps a streaming handler's messages (a generator around the handler's); the others act when the call starts
 and register what they need at its end on the call's `Call` record, so a Generate stream costs one
 wrapper per character whatever the chain holds.
 """
@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -45,7 +45,10 @@ INFERENCE_PREFIX = "/" + inference_pb.DESCRIPTOR.services_by_name["GRPCInference
 PROBES = frozenset({"ServerLive", "ServerReady", "ModelReady"})  # KServe's health rpcs
 AUTH_HEADER = "authorization"
 
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
+# grpc's stubs are generic over the messages; the chain wraps every rpc's handler alike, so: Any.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
 
 
 @dataclass
@@ -53,7 +56,7 @@ class Call:
     """One CharRNN call as the chain sees it; Outcome makes it and ends it."""
 
     rpc: str
-    context: grpc.aio.ServicerContext  # not to be touched once the call has ended
+    context: Context  # not to be touched once the call has ended
     peer: str
     started: float
     code: str = "OK"
@@ -74,24 +77,28 @@ class Call:
 _CALL: contextvars.ContextVar[Call] = contextvars.ContextVar("charrnn_call")  # each call runs in its own task
 
 
-def _behaviour(handler: grpc.RpcMethodHandler) -> tuple[Callable[..., Any], Callable[..., grpc.RpcMethodHandler]]:
+def _behaviour(handler: Handler) -> tuple[Callable[..., Any], Callable[..., Handler]]:
     """The handler's function and the constructor that makes a handler of the same kind around another."""
+    found: Callable[..., Any] | None
     if handler.request_streaming and handler.response_streaming:
-        return handler.stream_stream, grpc.stream_stream_rpc_method_handler
-    if handler.request_streaming:
-        return handler.stream_unary, grpc.stream_unary_rpc_method_handler
-    if handler.response_streaming:
-        return handler.unary_stream, grpc.unary_stream_rpc_method_handler
-    return handler.unary_unary, grpc.unary_unary_rpc_method_handler
+        found, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    elif handler.request_streaming:
+        found, make = handler.stream_unary, grpc.stream_unary_rpc_method_handler
+    elif handler.response_streaming:
+        found, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+    else:
+        found, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+    assert found is not None  # grpc sets the one function that matches the handler's kind
+    return found, make
 
 
-def _rewrap(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any]) -> grpc.RpcMethodHandler:
+def _rewrap(handler: Handler, behaviour: Callable[..., Any]) -> Handler:
     _, make = _behaviour(handler)
     return make(behaviour, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
 
 
-Wrap = Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler]  # (handler, rpc name) -> handler
+Wrap: TypeAlias = "Callable[[Handler, str], Handler]"  # (handler, rpc name) -> handler
 
 
 def _rpc(method: str) -> str | None:
@@ -111,7 +118,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
         self._probes = probes
 
     async def intercept_service(self, continuation: Continuation,
-                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+                                details: grpc.HandlerCallDetails) -> Handler | None:
         handler = await continuation(details)
         method: str = details.method
         rpc = _rpc(method)
@@ -126,15 +133,15 @@ def at_start(start: Callable[[Call], None]) -> Wrap:
     return lambda handler, rpc: _on_start(handler, start)
 
 
-def _on_start(handler: grpc.RpcMethodHandler, start: Callable[[Call], None]) -> grpc.RpcMethodHandler:
+def _on_start(handler: Handler, start: Callable[[Call], None]) -> Handler:
     inner, _ = _behaviour(handler)
     if handler.response_streaming:
-        def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        def streaming(request: Any, context: Context) -> Any:
             start(_CALL.get())
             return inner(request, context)
         return _rewrap(handler, streaming)
 
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(request: Any, context: Context) -> Any:
         start(_CALL.get())
         return await inner(request, context)
     return _rewrap(handler, unary)
@@ -149,10 +156,10 @@ class Outcome:
     def __init__(self, shutdown_reason: Callable[[], str | None]) -> None:
         self._shutdown_reason = shutdown_reason
 
-    def wrap(self, handler: grpc.RpcMethodHandler, rpc: str) -> grpc.RpcMethodHandler:
+    def wrap(self, handler: Handler, rpc: str) -> Handler:
         inner, _ = _behaviour(handler)
         if handler.response_streaming:
-            async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
                 call = self._begin(rpc, context)
                 sent = 0
                 try:
@@ -179,7 +186,7 @@ class Outcome:
                         self._end(call)
             return _rewrap(handler, streaming)
 
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def unary(request: Any, context: Context) -> Any:
             call = self._begin(rpc, context)
             try:
                 response = await inner(request, context)
@@ -195,7 +202,7 @@ class Outcome:
         return _rewrap(handler, unary)
 
     @staticmethod
-    def _begin(rpc: str, context: grpc.aio.ServicerContext) -> Call:
+    def _begin(rpc: str, context: Context) -> Call:
         call = Call(rpc, context, context.peer(), time.perf_counter())
         _CALL.set(call)
         return call

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import grpc
-
+from serve.api.interceptors import Context  # grpc.aio.ServicerContext, for any rpc
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 from serve.engine.protocol import Finish
@@ -28,7 +27,7 @@ class CharRNNServicer(pb_grpc.CharRNNServicer):
         self._text = service.vocab
 
     async def Generate(self, request: pb.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+                       context: Context) -> AsyncIterator[pb.GenerateResponse]:
         stream = self.service.generate(
             request.prompt, request.max_chars,
             request.temperature if request.HasField("temperature") else None, request.top_k,
@@ -50,20 +49,20 @@ class CharRNNServicer(pb_grpc.CharRNNServicer):
             stream.close()
 
     async def Predict(self, request_iterator: AsyncIterator[pb.PredictRequest],
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.PredictResponse]:
+                      context: Context) -> AsyncIterator[pb.PredictResponse]:
         state = None
         async for request in request_iterator:
             predictions, state = await self.service.predict(request.text, request.top_k, state)
             for p in predictions:
                 yield pb.PredictResponse(input=p.input, next=p.next, probability=p.probability, top=_candidates(p))
 
-    async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepResponse:
+    async def Step(self, request: pb.StepRequest, context: Context) -> pb.StepResponse:
         result = await self.service.step(request.state, request.text, request.top_k)
         p = result.prediction
         return pb.StepResponse(state=result.state, next=p.next, probability=p.probability, top=_candidates(p))
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,
-                           context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+                           context: Context) -> pb.ModelInfo:
         info = self.service.info()
         spec = info.spec
         return pb.ModelInfo(vocab=spec.vocab, cell=spec.cell, num_layers=spec.num_layers,

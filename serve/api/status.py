@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import grpc
 
-from serve.errors import (EngineFailure, InvalidArgument, ModelError, NotFound, ResourceExhausted, ServeError,
-                          Unauthenticated, Unavailable)
+from serve.errors import (
+    EngineFailure,
+    InvalidArgument,
+    ModelError,
+    NotFound,
+    ResourceExhausted,
+    ServeError,
+    Unauthenticated,
+    Unavailable,
+)
 
 _STATUS: dict[type[ServeError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,

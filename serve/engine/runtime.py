@@ -121,7 +121,7 @@ def _check_signature(session: ort.InferenceSession, spec: ModelSpec) -> None:
               "logits": (None, None, len(spec.vocab))}
     nodes = {n.name: n for n in [*session.get_inputs(), *session.get_outputs()]}
     for name, dims in static.items():
-        for axis, (want, got) in enumerate(zip(dims, nodes[name].shape)):
+        for axis, (want, got) in enumerate(zip(dims, nodes[name].shape, strict=True)):
             if want is not None and isinstance(got, int) and got != want:
                 raise ModelError(spec.path, f"{name} dimension {axis} is {got}, metadata says {want}")
 
@@ -152,7 +152,7 @@ class Runtime:
         options.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(data, sess_options=options, providers=providers)
-        except Exception as error:  # onnxruntime raises several unrelated types for a bad file
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises several unrelated types for a bad file
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ModelError(path, f"not a loadable ONNX model: {first}") from None
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -192,7 +192,8 @@ class Runtime:
         return state
 
     def download(self, state: Any) -> np.ndarray:
-        return state.numpy() if self._on_cuda else state
+        host: np.ndarray = state.numpy() if self._on_cuda else state
+        return host
 
     def step(self, ids: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
         """One character per row: ids [batch, 1]; returns host logits [batch, V] and the device state."""

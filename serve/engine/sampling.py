@@ -21,7 +21,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise log-probabilities in float64 (the model's distribution at temperature 1)."""
     x = logits.astype(np.float64)
     top = x.max(axis=-1, keepdims=True)
-    return x - (top + np.log(np.exp(x - top).sum(axis=-1, keepdims=True)))
+    out: np.ndarray = x - (top + np.log(np.exp(x - top).sum(axis=-1, keepdims=True)))
+    return out
 
 
 def draw(generators: Sequence[np.random.Generator]) -> np.ndarray:

@@ -109,7 +109,8 @@ def empty_prompt_logprobs(runtime: Runtime) -> np.ndarray:
     ids = np.arange(vocab, dtype=np.int64).reshape(vocab, 1)
     logits, _ = runtime.run(ids, runtime.zero_state(vocab))
     probs = np.exp(sampling.log_softmax(logits[:, 0, :])).mean(axis=0)
-    return np.log(probs)
+    out: np.ndarray = np.log(probs)
+    return out
 
 
 class Scheduler:
@@ -158,7 +159,7 @@ class Scheduler:
                 if fresh:
                     self._admit(fresh)
                 stepped = self._step(riders) if self._active else False
-            except Exception:  # noqa: BLE001 - keep serving; fail only the requests in flight
+            except Exception:  # keep serving; fail only the requests in flight
                 log.exception("engine iteration failed")
                 self._active.extend(i for i in items if isinstance(i, Stream) and not i.done and i not in self._active)
                 self._fail_all([i for i in items if isinstance(i, Job)], EngineFailure("model execution failed"))
@@ -207,7 +208,7 @@ class Scheduler:
                     state[i] = job.state
             try:
                 logits, state_out = self._ort(self.runtime.run, ids, state)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("onnxruntime failed on a Predict/Step batch")
                 self.sink.results([(j, None, EngineFailure("model execution failed")) for j in group])
                 continue
@@ -233,7 +234,7 @@ class Scheduler:
             ids = np.stack([s.prompt for s in group])
             try:
                 logits, state_out = self._ort(self.runtime.run, ids, self.runtime.zero_state(len(group)))
-            except Exception:  # noqa: BLE001 - fail this group only; other streams keep going
+            except Exception:  # fail this group only; other streams keep going
                 log.exception("onnxruntime failed on a prefill batch")
                 self._abandon(group)
                 continue
@@ -259,7 +260,7 @@ class Scheduler:
         """Samples one character per row and hands them to the sink; True if a stream ended."""
         tokens, logprobs = sampling.sample(logits, params, uniforms)
         chosen = tokens.tolist()
-        finishes = [s.emitted(t) for s, t in zip(rows, chosen)]
+        finishes = [s.emitted(t) for s, t in zip(rows, chosen, strict=True)]
         self.sink.chars(rows, chosen, logprobs, finishes)
         return any(finishes)
 
@@ -302,7 +303,7 @@ class Scheduler:
                     logits, batch.state = self._step_with_riders(ids, batch.state, extra)
                 else:
                     logits, batch.state = self.runtime.step(ids.reshape(-1, 1), batch.state)
-            except Exception:  # noqa: BLE001 - fail this batch only; the other batches keep going
+            except Exception:  # fail this batch only; the other batches keep going
                 log.exception("onnxruntime failed on a step batch of %d", n + len(extra))
                 self._abandon(batch.rows)
                 self.sink.results([(j, None, EngineFailure("model execution failed")) for j in extra])
@@ -343,7 +344,7 @@ class Scheduler:
         self._batches = []
         for i in range(0, len(rows), self.max_batch):
             chunk = rows[i:i + self.max_batch]
-            states = np.stack([s.state for s in chunk])  # type: ignore[misc]
+            states = np.stack([s.state for s in chunk])  # type: ignore[misc]  # running streams were prefilled: none has state None
             self._batches.append(_Batch(chunk, self.runtime.upload(states)))
         self._rows = rows
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -80,7 +81,7 @@ class _LoopSink:
         self._wake_pending = False
 
     def chars(self, rows: list[Stream], tokens: list[int], logprobs: np.ndarray, finishes: list[Finish]) -> None:
-        waiting = [s for s, token, logprob, finish in zip(rows, tokens, logprobs.tolist(), finishes)
+        waiting = [s for s, token, logprob, finish in zip(rows, tokens, logprobs.tolist(), finishes, strict=True)
                    if s.push((token, logprob, finish))]
         if waiting:
             self._post(_wake, waiting)
@@ -102,10 +103,8 @@ class _LoopSink:
         if not self._wake_pending:
             self._wake_pending = True
             assert self.loop is not None
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
                 self.loop.call_soon_threadsafe(self._drain)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
 
     def _drain(self) -> None:
         """Loop side: runs everything posted so far (clear the flag first, then drain: no lost wake-up)."""

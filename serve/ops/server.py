@@ -75,6 +75,7 @@ class Server:
         self.metrics_port = metrics_port  # None = metrics off
         self.lost: asyncio.Event | None = None  # set when the engine could not be brought back
         self._health_lock: asyncio.Lock | None = None
+        self._health_updates: set[asyncio.Future[None]] = set()  # the loop holds tasks only weakly
 
     async def start(self) -> None:
         self.lost, self._health_lock = asyncio.Event(), asyncio.Lock()
@@ -85,7 +86,10 @@ class Server:
 
     def _engine_changed(self, state: EngineState) -> None:
         names = (*READINESS, LIVENESS) if state is EngineState.FAILED else READINESS
-        asyncio.ensure_future(self._set_health(names, SERVING if state is EngineState.SERVING else NOT_SERVING))
+        status = SERVING if state is EngineState.SERVING else NOT_SERVING
+        update = asyncio.ensure_future(self._set_health(names, status))
+        self._health_updates.add(update)
+        update.add_done_callback(self._health_updates.discard)
         if state is EngineState.FAILED:
             assert self.lost is not None
             self.lost.set()
@@ -124,11 +128,11 @@ class Server:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.stop, reason)
             try:
                 await asyncio.wait_for(asyncio.shield(idle), timeout=1.0)
-            except asyncio.TimeoutError:  # calls waiting for the client's next message
+            except TimeoutError:  # calls waiting for the client's next message
                 self.gate.abort_all(reason)
                 try:
                     await asyncio.wait_for(asyncio.shield(idle), timeout=2.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     log.error("%d calls did not end after being cut; gRPC cancels them", len(self.gate.calls))
         cutting.cancel()
         idle.cancel()

@@ -55,8 +55,8 @@ class Settings:
                 "can mint a valid state from the public model SHA-256 (set it through the environment: a flag "
                 "shows in the process list)"})
     max_streams: int = field(default=1024, metadata={
-        "help": "concurrent CharRNN and KServe calls (health and KServe's probes excluded); one more is refused at once with "
-                "RESOURCE_EXHAUSTED, never queued"})
+        "help": "concurrent CharRNN and KServe calls (health and KServe's probes excluded); one more is refused at "
+                "once with RESOURCE_EXHAUSTED, never queued"})
     max_prompt_chars: int = field(default=10_000, metadata={
         "help": "upper limit on the characters of a prompt and of one Predict/Step text (INVALID_ARGUMENT above)"})
     max_message_bytes: int = field(default=1 << 20, metadata={
@@ -96,7 +96,7 @@ _RANGE: dict[str, tuple[float, float | None]] = {
     "sequence_idle_seconds": (0.001, None)}
 
 
-def _number(name: str, kind: type) -> Any:
+def _number(name: str, kind: type[int] | type[float]) -> Any:
     low, high = _RANGE.get(name, (0, None))
 
     def convert(text: str) -> int | float:

@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -29,7 +30,7 @@ START_TIMEOUT = 120.0  # seconds for every child to load the model and bind
 
 
 @contextlib.contextmanager
-def reserve_port(host: str, port: int):
+def reserve_port(host: str, port: int) -> Iterator[int]:
     """A bound, non-listening SO_REUSEPORT socket that pins the port number while the children bind it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -68,7 +69,7 @@ def run_workers(settings: Settings) -> int:
             nonlocal stopping
             stopping = True
             for child in children:
-                if child.is_alive():
+                if child.is_alive() and child.pid is not None:  # pid: None only before start()
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(child.pid, signum)
 
@@ -83,8 +84,8 @@ def run_workers(settings: Settings) -> int:
             for child in children:
                 child.join()
             return max(2, *(c.exitcode or 0 for c in children))
-        print(f"charrnn serving {settings.model} on {settings.address_host}:{port} ({provider}, {settings.workers} worker "
-              f"processes)", flush=True)
+        print(f"charrnn serving {settings.model} on {settings.address_host}:{port} ({provider}, "
+              f"{settings.workers} worker processes)", flush=True)
         while any(c.is_alive() for c in children):
             for child in children:
                 child.join(timeout=0.5)

@@ -361,7 +361,8 @@ class ProcessEngine:
 
     def _chars(self, record: records.Chars) -> None:
         streams = self._streams
-        for sid, token, logprob, finish in zip(record.streams, record.tokens, record.logprobs, record.finishes):
+        rows = zip(record.streams, record.tokens, record.logprobs, record.finishes, strict=True)
+        for sid, token, logprob, finish in rows:
             stream = streams.get(sid)
             if stream is None:  # cancelled meanwhile
                 continue
@@ -370,7 +371,7 @@ class ProcessEngine:
             if stream.push((token, logprob, _FINISH[finish])):  # on the loop already: wake it here
                 stream.wake()
         metrics, sizes = self.metrics, record.batch_sizes
-        for s, n in zip(record.step_seconds, sizes):
+        for s, n in zip(record.step_seconds, sizes, strict=True):
             metrics.step_seconds.observe(s)
             metrics.batch_size.observe(n)
         self._stats["step_calls"] += len(sizes)

@@ -167,7 +167,8 @@ def _decode_chars(payload: bytes) -> Chars:
         nonlocal at
         array = np.frombuffer(payload, dtype=dtype, count=count, offset=at)
         at += array.nbytes
-        return array.tolist()
+        values: list[Any] = array.tolist()
+        return values
 
     return Chars(take(np.int64, rows), take(np.int64, rows), take(np.float64, rows), take(np.int8, rows),
                  take(np.float64, calls), take(np.int64, calls), characters, cancelled)

@@ -100,8 +100,9 @@ class CharRNNService:
     def _predictions(self, text: str, logits: np.ndarray, top_k: int) -> list[Prediction]:
         best, prob, top, top_prob = sampling.most_likely(logits, top_k)
         vocab = self.vocab
-        return [Prediction(c, vocab[b], p, tuple(zip((vocab[t] for t in ts), tp)))
-                for c, b, p, ts, tp in zip(text, best.tolist(), prob.tolist(), top.tolist(), top_prob.tolist())]
+        return [Prediction(c, vocab[b], p, tuple(zip((vocab[t] for t in ts), tp, strict=True)))
+                for c, b, p, ts, tp in zip(text, best.tolist(), prob.tolist(), top.tolist(), top_prob.tolist(),
+                                           strict=True)]
 
     def _text_ids(self, text: str) -> np.ndarray:
         """Predict's and Step's text, checked (not empty, within limits, in the vocabulary) and encoded."""

@@ -167,7 +167,8 @@ class InferenceService:
             if t.datatype != spec.datatype:
                 raise InvalidArgument(f"input {t.name!r}: datatype {t.datatype}, the model takes {spec.datatype}")
             shape = t.data.shape
-            if len(shape) != len(spec.shape) or any(want not in (-1, got) for want, got in zip(spec.shape, shape)):
+            if len(shape) != len(spec.shape) or any(want not in (-1, got)
+                                                    for want, got in zip(spec.shape, shape, strict=True)):
                 want = ", ".join("-1" if d == -1 else str(d) for d in spec.shape)
                 raise InvalidArgument(f"input {t.name!r}: shape {list(shape)}, the model takes [{want}]")
             given[t.name] = t

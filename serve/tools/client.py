@@ -22,9 +22,9 @@ from collections.abc import Iterator, Sequence
 import grpc
 from google.protobuf import json_format
 
-from serve.tools.channels import add_arguments, metadata, open_channel
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from serve.tools.channels import add_arguments, metadata, open_channel
 
 
 def generate(stub: pb_grpc.CharRNNStub, args: argparse.Namespace) -> None:

@@ -18,9 +18,9 @@ import time
 import numpy as np
 
 from serve.engine.protocol import SamplingParams
-from serve.errors import DeviceError, ModelError, ServeError
 from serve.engine.runtime import Runtime
 from serve.engine.thread import ThreadEngine
+from serve.errors import DeviceError, ModelError, ServeError
 
 
 def _chain(rt: Runtime, ids: np.ndarray) -> np.ndarray:
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     # Not a failure: a draw can land between CUDA's and the CPU's probabilities where they differ in the
     # last bits, and the texts part from there.
     first, second = runs
-    same = sum(a == b for a, b in zip(first, second))
+    same = sum(a == b for a, b in zip(first, second, strict=True))
     print(f"engine: {same} of {args.streams} seeded streams gave the same text on both paths")
     print("OK" if ok else "MISMATCH")
     return 0 if ok else 1

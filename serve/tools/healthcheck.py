@@ -35,7 +35,7 @@ def check(target: str, service: str = "", timeout: float = 3.0,
     with (open_channel(target, tls) if tls is not None else grpc.insecure_channel(target)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)  # type: ignore[attr-defined]  # types-grpcio-health-checking gives HealthStub no methods
         except grpc.RpcError as error:
             return False, f"{target}: {error.code().name}: {error.details()}"
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
