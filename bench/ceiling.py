@@ -17,13 +17,13 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from serve.ops.loops import CHOICES, loop_factory  # noqa: E402
-from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb  # noqa: E402
-from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc  # noqa: E402
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from serve.ops.loops import CHOICES, loop_factory
 
 
 class Ceiling(pb_grpc.CharRNNServicer):
-    async def Generate(self, request, context):  # noqa: N802 (gRPC's naming)
+    async def Generate(self, request, context):
         last = request.max_chars - 1
         for i in range(request.max_chars):
             yield pb.GenerateResponse(text="a", index=i, logprob=-1.0,

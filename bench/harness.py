@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # first, ahead of bench/: `serve` must be the package, not bench/serve.py
 
@@ -47,7 +49,7 @@ class ServerProcess:
 
     def __init__(self, name: str, argv: list[str], timeout: float = 60.0) -> None:
         self.name = name
-        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - open until stop() closes it
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
         self.pid = self.proc.pid
         deadline = time.monotonic() + timeout
@@ -123,6 +125,11 @@ def cpu_seconds(pid: int) -> dict[int, tuple[float, bool]] | None:
             continue  # gone meanwhile
         seconds[p] = ((int(fields[11]) + int(fields[12])) / TICK, is_engine_process(p))
     return seconds
+
+
+def percentile_ms(seconds: list[float], q: float) -> float | None:
+    """The q-th percentile of durations in seconds, in milliseconds to 3 decimals; None without samples."""
+    return round(float(np.percentile(seconds, q)) * 1e3, 3) if seconds else None
 
 
 def load_columns(median: Callable[[str], float]) -> str:

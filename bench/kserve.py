@@ -18,6 +18,7 @@ tritonclient needs protobuf<7, so the tritonclient loads run under .venv-triton'
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -26,7 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import ROOT, ServerProcess, build_model, cpu_seconds, load_columns  # harness puts the repository root on sys.path
+# harness puts the repository root on sys.path
+from harness import ROOT, ServerProcess, build_model, cpu_seconds, load_columns
 
 LOADS = ("generate", "modelinfer", "stream")
 
@@ -99,11 +101,11 @@ def main() -> int:
         for streams, _ in sizes:
             errors = sum(r["error_count"] for r in results[(load, streams)])
             print(f"{load:>11} {streams:>3} stream{'s' if streams > 1 else ' '} "
-                  + load_columns(lambda key: median(load, streams, key))  # noqa: B023 - called at once
+                  + load_columns(functools.partial(median, load, streams))
                   + f"{median(load, streams, 'server_us'):>19.1f} {median(load, streams, 'client_us'):>7.1f}  {errors}")
 
     def ratio(a: str, b: str, streams: int, key: str) -> str:
-        per_round = sorted(x[key] / y[key] for x, y in zip(results[(a, streams)], results[(b, streams)])
+        per_round = sorted(x[key] / y[key] for x, y in zip(results[(a, streams)], results[(b, streams)], strict=True)
                            if x[key] is not None and y[key])
         if not per_round:
             return "n/a"

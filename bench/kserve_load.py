@@ -8,7 +8,7 @@ character, the server holding the state; the last request carries sequence_end. 
 each request as its own ModelInfer (tritonclient.grpc.aio `infer`); --mode stream sends a sequence's
 requests over one ModelStreamInfer stream (`stream_infer`), each after the answer to the one before.
 
-Runs in .venv-triton (tritonclient and numpy only, no project code: tritonclient needs protobuf<7).
+Runs in .venv-triton (tritonclient and numpy, no project code but bench/harness.py: tritonclient needs protobuf<7).
 Prints one JSON line with the same keys as bench/load.py: chars/s, time to the first character, the
 gaps between characters (p50/p99, ms), the client's CPU seconds and errors.
 """
@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 import tritonclient.grpc.aio as tc
+from harness import percentile_ms  # bench/ is on sys.path: this runs as a script
 from tritonclient.utils import InferenceServerException
 
 
@@ -83,7 +84,7 @@ async def run(target: str, streams: int, chars: int, mode: str) -> dict:
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     received = sum(r for r in results if isinstance(r, int))
     errors = [repr(r) for r in results if not isinstance(r, int)]
-    ms = lambda xs, q: round(float(np.percentile(xs, q)) * 1e3, 3) if xs else None  # noqa: E731
+    ms = percentile_ms
     return {"streams": streams, "chars": received, "seconds": round(elapsed, 3),
             "chars_per_s": round(received / elapsed, 1), "ttfc_p50_ms": ms(ttfc, 50), "ttfc_p99_ms": ms(ttfc, 99),
             "gap_p50_ms": ms(gaps, 50), "gap_p99_ms": ms(gaps, 99), "client_cpu_s": round(cpu, 4),

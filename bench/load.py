@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 
 import grpc
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb  # noqa: E402
-from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc  # noqa: E402
+from harness import percentile_ms
+
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 
 
 async def one_stream(stub, prompt: str, chars: int, seed: int, ttfc: list, gaps: list) -> int:
@@ -59,7 +60,7 @@ async def run(target: str, streams: int, chars: int, prompt: str, connections: i
         await asyncio.gather(*(c.close() for c in channels))
     received = sum(r for r in results if isinstance(r, int))
     errors = [repr(r) for r in results if not isinstance(r, int)]
-    ms = lambda xs, q: round(float(np.percentile(xs, q)) * 1e3, 3) if xs else None  # noqa: E731
+    ms = percentile_ms
     return {"streams": streams, "chars": received, "seconds": round(elapsed, 3),
             "chars_per_s": round(received / elapsed, 1), "ttfc_p50_ms": ms(ttfc, 50), "ttfc_p99_ms": ms(ttfc, 99),
             "gap_p50_ms": ms(gaps, 50), "gap_p99_ms": ms(gaps, 99), "client_cpu_s": round(cpu, 4), "errors": errors[:3],

@@ -19,9 +19,11 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from harness import ENGINE_CHILD  # noqa: E402  (how this script starts itself as the engine process)
-from serve.engine import runtime  # noqa: E402
-from serve.process import child, proxy  # noqa: E402
+from harness import ENGINE_CHILD  # how this script starts itself as the engine process
+
+from serve.engine import runtime
+from serve.process import child, proxy
+
 _real_step = runtime.Runtime.step
 _first: dict[int, np.ndarray] = {}
 

@@ -23,6 +23,7 @@ exported to a temporary folder.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -32,7 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import ROOT, ServerProcess, build_model, cpu_seconds, load_columns  # harness puts the repository root on sys.path
+# harness puts the repository root on sys.path
+from harness import ROOT, ServerProcess, build_model, cpu_seconds, load_columns
 
 
 def load(target: str, streams: int, chars: int, connections: int = 1) -> dict:
@@ -162,14 +164,14 @@ def main() -> int:
             for streams, _ in loads:
                 errors = sum(r["error_count"] for r in results[(name, streams)])
                 print(f"{name:>20} {streams:>3} stream{'s' if streams > 1 else ' '} "
-                      + load_columns(lambda key: median(name, streams, key))  # noqa: B023 - called at once
+                      + load_columns(functools.partial(median, name, streams))
                       + f"{_us(median(name, streams, 'server_us')):>19} {_us(median(name, streams, 'engine_us')):>7} "
                       f"{_us(median(name, streams, 'client_us')):>7}  "
                       f"{errors}")
 
         def ratio(a: str, b: str, streams: int) -> str:
             per_round = sorted(x["chars_per_s"] / y["chars_per_s"]
-                               for x, y in zip(results[(a, streams)], results[(b, streams)]))
+                               for x, y in zip(results[(a, streams)], results[(b, streams)], strict=True))
             return f"{statistics.median(per_round):.2f}  (rounds {per_round[0]:.2f} to {per_round[-1]:.2f})"
 
         n = args.streams

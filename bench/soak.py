@@ -5,7 +5,8 @@
 
 Starts `python -m serve` on 127.0.0.1 port 0, warms it up, then keeps --callers calls in flight for
 --seconds (each caller starts its next call when the last ends). Prints errors (goal 0), characters
-served, and the server's RSS (its engine process included) after warm-up and at the end (goal: growth < 10%); the last line is JSON.
+served, and the server's RSS (its engine process included) after warm-up and at the end (goal: growth < 10%);
+the last line is JSON.
 Exit status 1 when there were errors or RSS grew by 10% or more.
 """
 
@@ -22,10 +23,11 @@ import time
 from pathlib import Path
 
 import grpc
-
 from harness import ServerProcess, build_model, process_tree  # harness puts the repository root on sys.path
-from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb  # noqa: E402
-from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc  # noqa: E402
+
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+
 
 def rss_bytes(pid: int) -> int:
     """Resident memory of the server process and its engine process together."""
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     growth = rss_end / rss_start - 1
     mib = 1 << 20
     print(f"soak: {args.callers} callers x {elapsed:.1f} s against {target} ({model.name})")
-    print(f"  calls:  {sum(stats['calls'].values())} ({', '.join(f'{k} {v}' for k, v in sorted(stats['calls'].items()))})")
+    per_rpc = ", ".join(f"{k} {v}" for k, v in sorted(stats["calls"].items()))
+    print(f"  calls:  {sum(stats['calls'].values())} ({per_rpc})")
     print(f"  errors: {errors}" + "".join(f"\n    {n} x {e}" for e, n in stats["errors"].most_common(5)))
     print(f"  chars served: {stats['chars']} ({stats['chars'] / elapsed:.0f}/s)")
     print(f"  server RSS: {rss_ready / mib:.1f} MiB ready, {rss_start / mib:.1f} MiB after warm-up, "

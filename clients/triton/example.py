@@ -53,7 +53,10 @@ def main() -> None:
     args = parser.parse_args()
     vocab = json.loads(args.vocab)
     ids = [vocab.index(c) for c in args.text]
-    best = lambda logits: "".join(vocab[i] for i in logits.argmax(-1))  # noqa: E731
+
+    def best(logits: np.ndarray) -> str:
+        return "".join(vocab[i] for i in logits.argmax(-1))
+
 
     client = grpcclient.InferenceServerClient(url=args.url)
     metadata = client.get_model_metadata(args.model)

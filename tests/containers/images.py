@@ -68,7 +68,7 @@ class Images:
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the stdlib's signature)
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 

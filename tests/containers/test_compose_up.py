@@ -208,7 +208,7 @@ def test_scale_profile_keeps_step_chains_whole_while_a_replica_is_killed(scaled,
     say(f"scale profile: {2 * len(CHAINS) * STEPS} Step calls through nginx and {len(CHAINS) * STEPS} direct, "
         f"a replica killed, in {time.monotonic() - start:.1f} s ({balanced.retries} retried)")
     assert survived == reference
-    assert all(len(text) == len(first) + STEPS for text, first in zip(survived, CHAINS))
+    assert all(len(text) == len(first) + STEPS for text, first in zip(survived, CHAINS, strict=True))
     killed = docker.inspect(victim)["State"]
     assert killed["ExitCode"] == 137 or not killed["Running"], killed
     # nginx did meet the dead replica (and moved its calls on): its error log names the address.

@@ -113,7 +113,8 @@ def test_the_cpu_images_share_a_debian_base_the_stand_ins_can_replace():
     """images.py builds a stand-in of the release the base's tag names, and gives both images the same."""
     defaults = {p.name: instructions(p)[0][1] for p in DOCKERFILES}
     assert defaults["serve.Dockerfile"] == defaults["train.Dockerfile"]
-    assert re.fullmatch(r"BASE_IMAGE=python:\d+\.\d+\.\d+-slim-(bullseye|bookworm|trixie)", defaults["serve.Dockerfile"])
+    assert re.fullmatch(r"BASE_IMAGE=python:\d+\.\d+\.\d+-slim-(bullseye|bookworm|trixie)",
+                        defaults["serve.Dockerfile"])
     assert {p.name for p in STANDINS} == {"python.Dockerfile", "nginx.Dockerfile"}
     for path in STANDINS:
         assert [args for word, args in instructions(path) if word == "FROM"] == ["${BASE}"]

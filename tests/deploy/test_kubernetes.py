@@ -93,7 +93,10 @@ def test_the_job_trains_then_exports_as_compose_does():
     train, export = container(spec, "train", "initContainers"), container(spec, "export")
     assert len(spec["initContainers"]) == len(spec["containers"]) == 1
     assert "--resume=auto" in train["command"], "a retried pod continues the run on the volume"
-    drop_resume = lambda command: [a for a in command if not a.startswith("--resume")]  # noqa: E731
+
+    def drop_resume(command):
+        return [a for a in command if not a.startswith("--resume")]
+
     assert drop_resume(train["command"]) == drop_resume(compose["train"]["command"])
     assert export["command"] == compose["export"]["command"]
     for c in (train, export):

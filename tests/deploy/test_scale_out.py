@@ -174,7 +174,7 @@ def test_step_chains_survive_losing_a_replica(cluster):
     finally:
         client.close()
     assert survived == reference
-    assert all(len(text) == len(start) + STEPS for text, start in zip(survived, CHAINS))
+    assert all(len(text) == len(start) + STEPS for text, start in zip(survived, CHAINS, strict=True))
     after_kill = upstreams_used(folder, 2 * len(CHAINS) * STEPS)[before + KILL_AT * len(CHAINS):]
     assert len(after_kill) == (STEPS - KILL_AT) * len(CHAINS)
     assert all(u.split(", ")[-1] == f"127.0.0.1:{ports[1]}" for u in after_kill), after_kill

@@ -5,11 +5,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from support import run_stage
 
 from export.check import verify
 from export.contract import violations
 from export.to_onnx import rebuild, to_onnx
-from support import run_stage
 from train import checkpoint
 
 CELLS = ("rnn", "gru", "lstm")

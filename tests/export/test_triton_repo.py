@@ -91,9 +91,9 @@ def test_every_cell_matches_its_file(text_runs, tmp_path):
         paths.append(tmp_path / f"{cell}.pbtxt")
         paths[-1].write_text(config_pbtxt(model), encoding="utf-8")
     configs = run_tritonside("parse_config.py", *map(str, paths))
-    for (cell, run), config in zip(text_runs.items(), configs):
+    for (cell, run), config in zip(text_runs.items(), configs, strict=True):
         check_against_onnx(config, run / "model.onnx", f"charrnn-{cell}")
-    lstm = dict(zip(text_runs, configs))["lstm"]
+    lstm = dict(zip(text_runs, configs, strict=True))["lstm"]
     assert [int(d) for d in lstm["sequence_batching"]["state"][0]["dims"]] == [2, 64]  # h then c
 
 

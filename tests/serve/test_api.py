@@ -187,7 +187,7 @@ def test_step_chain_equals_predict_on_a_multilayer_model(text_server):
     text = "it was the season of "
     expected = predict(text_server, [text], top_k=4)
     state = b""
-    for i, chunk in enumerate(["it ", "w", "as the season", " of "]):
+    for chunk in ["it ", "w", "as the season", " of "]:
         r = step(text_server, chunk, state, top_k=4)
         state = r.state
     assert r.next == expected[-1].next
@@ -214,7 +214,7 @@ def test_step_rejects_bad_state(hihell_server, text_server):
         "text": b"hello",
     }
     for name, state in bad_states.items():
-        code, details = status_of(lambda: step(hihell_server, "e", state))
+        code, _ = status_of(lambda state=state: step(hihell_server, "e", state))
         assert code == INVALID, name
     assert "another model" in status_of(lambda: step(hihell_server, "e", foreign))[1]
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import onnx
 import pytest
-
 from support import run_stage
 
 

@@ -39,7 +39,7 @@ def test_seeded_stream_alone_equals_batched_with_63_others(text_server, unbatche
     requests = [request(i) for i in range(64)]
     alone = [generate_all(text_server.target, [r])[0] for r in requests[:4]]
     batched = generate_all(text_server.target, requests)
-    for (text, logprobs), (text_b, logprobs_b) in zip(alone, batched):
+    for (text, logprobs), (text_b, logprobs_b) in zip(alone, batched, strict=True):
         assert text_b == text
         np.testing.assert_allclose(logprobs_b, logprobs, rtol=1e-5, atol=1e-6)
     unbatched = generate_all(unbatched_server.target, requests)
@@ -67,7 +67,7 @@ def test_predict_and_step_alone_equal_batched(text_server):
     texts = [f"it was the {w} of " for w in ("age", "season", "epoch", "spring", "winter")] * 8
     alone = [asyncio.run(_predict_and_step(text_server.target, [t]))[0] for t in texts[:5]]
     batched = asyncio.run(_predict_and_step(text_server.target, texts))
-    for (probs, p), (probs_b, p_b) in zip(alone, batched):
+    for (probs, p), (probs_b, p_b) in zip(alone, batched, strict=True):
         np.testing.assert_allclose(probs_b, probs, rtol=1e-5, atol=1e-6)
         assert p_b == pytest.approx(p, rel=1e-5, abs=1e-6)
 

@@ -14,9 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from support import ROOT, run_stage
 
 from serve.ops.settings import parse
-from support import ROOT, run_stage
 
 READY = re.compile(r"^charrnn serving (.+) on (127\.0\.0\.1:\d+) \((\w+ExecutionProvider)\)$")
 

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serve.service.state_codec import StateCodec
 from serve.errors import InvalidArgument
+from serve.service.state_codec import StateCodec
 
 SHA = "ab" * 32
 OTHER = "cd" * 32

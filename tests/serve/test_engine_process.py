@@ -101,7 +101,7 @@ def test_records_round_trip_and_survive_any_split():
         cuts = sorted(rng.integers(0, len(data), 5).tolist())
         reader = records.Reader()
         got = []
-        for a, b in zip([0, *cuts], [*cuts, len(data)]):
+        for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True):
             got += reader.feed(data[a:b])
         assert [type(r) for r in got] == [type(r) for r in sent]
         assert got[0] == records.Chars([3, 9], [1, 64], [-0.5, -7.25], [0, 1], [0.001], [2], 2, 0)

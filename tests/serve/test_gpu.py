@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import onnxruntime as ort
 import pytest
-
 from support import run_stage
 
 NO_CUDA = "CUDAExecutionProvider" not in ort.get_available_providers()

@@ -20,10 +20,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from live import LiveServer
+from support import ROOT
 
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 from serve.ops.settings import Settings, parse
-from support import ROOT
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 NAMES = ("", "charrnn.v1.CharRNN", "liveness")

@@ -15,8 +15,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from google.protobuf import json_format, text_format
-from prometheus_client.parser import text_string_to_metric_families
 from live import LiveServer, serve_model
+from prometheus_client.parser import text_string_to_metric_families
 from tritonenv import run_tritonside
 
 from export.triton_repo import TritonModel, config_pbtxt
@@ -153,7 +153,7 @@ def test_interleaved_sequences_do_not_mix(hihell_server, hihell):
                 calls.append((sid, i, {"op": "infer", "ids": [hihell.ids(t[i])], "sequence_id": sid,
                                        "start": i == 0, "end": i == len(t) - 1}))
     results = triton(hihell_server, *(c for _, _, c in calls))
-    for (sid, i, _), result in zip(calls, results):
+    for (sid, i, _), result in zip(calls, results, strict=True):
         logits, _ = hihell.run(np.array([hihell.ids(texts[sid][:i + 1])]))
         assert np.abs(_array(result["outputs"]["logits"])[0, -1] - logits[0, -1]).max() <= 1e-5, (sid, i)
 
@@ -229,7 +229,7 @@ def test_bad_requests_name_what_is_wrong(hihell_server, hihell):
         (_bad(inputs=[]), INVALID, "'input_ids' is missing"),
     ]
     results = triton(hihell_server, *(c for c, _, _ in cases))
-    for (call, status, fragment), result in zip(cases, results):
+    for (call, status, fragment), result in zip(cases, results, strict=True):
         assert "error" in result, call
         assert result["error"]["status"] == status and fragment in result["error"]["message"], (call, result)
 

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from live import LiveServer, serve_model
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from live import LiveServer, serve_model
 from prometheus_client.parser import text_string_to_metric_families
 
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb

@@ -13,9 +13,9 @@ import shutil
 import subprocess
 
 import pytest
+from support import ROOT
 
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
-from support import ROOT
 
 NODE_DIR = ROOT / "clients" / "node"
 NODE = shutil.which("node")

@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from serve.errors import DeviceError, ModelError
 from serve.engine.runtime import Runtime
+from serve.errors import DeviceError, ModelError
 
 VOCAB = ["a", "b", "c"]
 META = {"vocab": json.dumps(VOCAB), "cell": "gru", "num_layers": "2", "hidden_size": "4", "state_size": "4",
@@ -93,7 +93,7 @@ def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(ModelError, match="cannot read"):
         Runtime(tmp_path / "nope.onnx", "cpu")
     (tmp_path / "junk.onnx").write_bytes(b"\x08\x07garbage" * 10)
-    with pytest.raises(ModelError, match="junk.onnx: not a loadable ONNX model"):
+    with pytest.raises(ModelError, match=r"junk\.onnx: not a loadable ONNX model"):
         Runtime(tmp_path / "junk.onnx", "cpu")
 
 

@@ -26,7 +26,10 @@ def test_greedy_takes_the_argmax_and_lowest_id_on_ties():
 
 def test_inverse_cdf_walks_the_vocabulary_in_order():
     logits = np.log(np.array([[0.1, 0.6, 0.3]]))
-    pick = lambda u, **kw: sampling.sample(logits, params(1, **kw), np.array([u]))[0][0]
+
+    def pick(u, **kw):
+        return sampling.sample(logits, params(1, **kw), np.array([u]))[0][0]
+
     assert [pick(u) for u in (0.0, 0.09, 0.11, 0.69, 0.71, 0.999999)] == [0, 0, 1, 1, 2, 2]
     assert [pick(u, top_k=2) for u in (0.0, 0.66, 0.67, 0.999999)] == [1, 1, 2, 2]
     assert [pick(u, top_p=0.5) for u in (0.0, 0.999999)] == [1, 1]

@@ -10,12 +10,12 @@ import grpc
 import numpy as np
 import pytest
 
-from serve.engine.protocol import Finish, SamplingParams
-from serve.engine.scheduler import MAX_CALL_CHARS, _group
 from serve.api.status import status_of
-from serve.errors import EngineFailure
+from serve.engine.protocol import Finish, SamplingParams
 from serve.engine.runtime import Runtime
+from serve.engine.scheduler import MAX_CALL_CHARS, _group
 from serve.engine.thread import ThreadEngine
+from serve.errors import EngineFailure
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_cancelled_streams_leave_the_batch(runtime):
 
 
 def test_an_onnxruntime_failure_fails_the_batch_and_the_engine_keeps_serving(runtime):
-    engine = ThreadEngine(Wrapped(runtime, fail_step_calls=1))  # type: ignore[arg-type]
+    engine = ThreadEngine(Wrapped(runtime, fail_step_calls=1))
 
     async def scenario():
         with pytest.raises(EngineFailure):
@@ -153,7 +153,7 @@ def test_a_failed_step_call_fails_only_its_own_batch(runtime):
     reference_engine = ThreadEngine(runtime)
     expected = run(reference_engine, lambda: _text(reference_engine, [2], 7, 20))
 
-    engine = ThreadEngine(Wrapped(runtime, fail_step_calls=1), max_batch=1)  # type: ignore[arg-type]
+    engine = ThreadEngine(Wrapped(runtime, fail_step_calls=1), max_batch=1)
 
     async def scenario():
         first = asyncio.ensure_future(_text(engine, [1], 1, 20))
@@ -168,7 +168,7 @@ def test_a_failed_step_call_fails_only_its_own_batch(runtime):
 def test_a_failed_prefill_fails_only_its_own_group(runtime):
     reference_engine = ThreadEngine(runtime)
     expected = run(reference_engine, lambda: _text(reference_engine, [3], 5, 15))
-    engine = ThreadEngine(Wrapped(runtime, fail_prefill_len=2))  # type: ignore[arg-type]
+    engine = ThreadEngine(Wrapped(runtime, fail_prefill_len=2))
 
     async def scenario():
         return await asyncio.gather(_text(engine, [1, 2], 1, 15), _text(engine, [3], 5, 15),
@@ -186,7 +186,7 @@ def test_engine_failures_reach_clients_as_unavailable():
 
 def test_a_slow_consumer_does_not_rebuild_the_batch_every_character(runtime):
     wrapped = Wrapped(runtime)
-    engine = ThreadEngine(wrapped, window=8)  # type: ignore[arg-type]
+    engine = ThreadEngine(wrapped, window=8)
     reference_engine = ThreadEngine(runtime)
     expected = run(reference_engine, lambda: _text(reference_engine, [1], 3, 160))
     assert run(engine, lambda: _text(engine, [1], 3, 160, pause=0.002)) == expected
@@ -217,7 +217,7 @@ def test_one_character_predict_rides_in_the_step_call_with_the_same_results(runt
 
     got = run(busy, beside_a_stream)
     assert busy.stats["rider_rows"] == len(texts) and busy.stats["job_calls"] == 0
-    for (want_logits, want_state), (logits, state) in zip(expected, got):
+    for (want_logits, want_state), (logits, state) in zip(expected, got, strict=True):
         assert logits.shape == want_logits.shape and state.shape == want_state.shape
         np.testing.assert_allclose(logits, want_logits, atol=1e-5)
         np.testing.assert_allclose(state, want_state, atol=1e-5)
@@ -230,7 +230,7 @@ def test_a_job_whose_caller_left_is_dropped_before_its_call(runtime):
             time.sleep(0.3)
             return super().run(ids, state)
 
-    engine = ThreadEngine(Slow(runtime))  # type: ignore[arg-type]
+    engine = ThreadEngine(Slow(runtime))
 
     async def scenario():
         busy = asyncio.ensure_future(engine.predict(np.array([1, 2], dtype=np.int64), None))

@@ -8,8 +8,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serve.errors import InvalidArgument
 from serve.engine.runtime import ModelSpec
+from serve.errors import InvalidArgument
 from serve.service.charrnn import CharRNNService
 
 VOCAB = ("h", "i", "e", "l", "o", " ")
@@ -29,7 +29,7 @@ class FakeEngine:
 
 def service() -> tuple[CharRNNService, FakeEngine]:
     engine = FakeEngine()
-    return CharRNNService(engine, "CPUExecutionProvider", max_chars=100), engine  # type: ignore[arg-type]
+    return CharRNNService(engine, "CPUExecutionProvider", max_chars=100), engine
 
 
 floats = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True, width=32))

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from support import ROOT
 
 from serve.ops.settings import parse
-from support import ROOT
 
 
 def usage_error(capsys, argv: list[str], environ: dict[str, str]) -> str:

@@ -21,7 +21,7 @@ def test_a_changelog_without_a_release_or_missing_is_a_clear_error(tmp_path):
     empty.write_text("# Changelog\n\n## Unreleased\n- nothing yet\n", encoding="utf-8")
     with pytest.raises(RuntimeError, match="no release heading"):
         project_version(empty)
-    with pytest.raises(RuntimeError, match="images must copy CHANGELOG.md"):
+    with pytest.raises(RuntimeError, match=r"images must copy CHANGELOG\.md"):
         project_version(tmp_path / "absent.md")
 
 

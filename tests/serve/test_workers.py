@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import grpc
+from support import ROOT
 
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
-from support import ROOT
 
 READY = re.compile(r"^charrnn serving .+ on (127\.0\.0\.1:\d+) \(CPUExecutionProvider, 2 worker processes\)$")
 

@@ -5,8 +5,17 @@ import threading
 import pytest
 import torch
 
-from train.data import (HIHELL_VOCAB, CorpusError, build_vocab, chunks, default_text, fetch_verified,
-                        load_corpus, split, streams)
+from train.data import (
+    HIHELL_VOCAB,
+    CorpusError,
+    build_vocab,
+    chunks,
+    default_text,
+    fetch_verified,
+    load_corpus,
+    split,
+    streams,
+)
 
 
 def test_hihell_corpus_is_the_lesson():
@@ -48,7 +57,7 @@ def test_bad_corpus_files(tmp_path, content, message):
 def test_missing_corpus_and_empty_folder(tmp_path):
     with pytest.raises(CorpusError, match="not 'hihell'"):
         load_corpus(str(tmp_path / "nope"))
-    with pytest.raises(CorpusError, match="no .txt files"):
+    with pytest.raises(CorpusError, match=r"no \.txt files"):
         load_corpus(str(tmp_path))
 
 
@@ -75,7 +84,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     body = b""
     hits = 0
 
-    def do_GET(self):  # noqa: N802 (http.server's naming)
+    def do_GET(self):
         type(self).hits += 1
         self.send_response(200)
         self.send_header("Content-Length", str(len(self.body)))
@@ -97,7 +106,7 @@ def local_http():
 
 
 def test_download_verifies_and_caches(local_http, tmp_path):
-    server, url = local_http
+    _, url = local_http
     _Handler.body, _Handler.hits = b"First Citizen:\nBefore we proceed any further", 0
     digest = hashlib.sha256(_Handler.body).hexdigest()
     dest = tmp_path / "cache" / "ts.txt"
@@ -107,7 +116,7 @@ def test_download_verifies_and_caches(local_http, tmp_path):
 
 
 def test_download_with_bad_checksum_is_an_error_and_caches_nothing(local_http, tmp_path):
-    server, url = local_http
+    _, url = local_http
     _Handler.body = b"tampered"
     dest = tmp_path / "ts.txt"
     with pytest.raises(CorpusError, match="SHA-256 mismatch"):

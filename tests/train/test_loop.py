@@ -2,8 +2,8 @@ import json
 
 import pytest
 import torch
-
 from support import run_stage
+
 from train import checkpoint
 from train.data import load_corpus
 from train.loop import TrainConfig, train
