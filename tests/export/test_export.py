@@ -108,6 +108,16 @@ def test_contract_violations_are_named(text_runs):
     assert violations(proto) == ["metadata 'vocab' is not a JSON array of distinct single-character strings"]
 
 
+@pytest.mark.parametrize("key, value", [("num_layers", "abc"), ("hidden_size", ""), ("state_size", "-32"),
+                                        ("num_layers", "\u0662"), ("hidden_size", " 32")])
+def test_non_numeric_metadata_is_a_violation_not_a_traceback(text_runs, key, value):
+    proto = onnx.load(str(text_runs["rnn"] / "model.onnx"))
+    for p in proto.metadata_props:
+        if p.key == key:
+            p.value = value
+    assert violations(proto) == [f"metadata '{key}' must be a positive decimal integer, got {value!r}"]
+
+
 def test_missing_and_corrupt_checkpoint_exit_nonzero(tmp_path):
     proc = run_stage("export", str(tmp_path), check=False)
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr and str(tmp_path) in proc.stderr
