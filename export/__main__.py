@@ -2,8 +2,8 @@
 
     python -m export runs/demo          # reads runs/demo/checkpoint.pt, writes runs/demo/model.onnx
 
-Exit status: 0 when the file conforms to the contract and matches PyTorch within 1e-4; 1 when a check
-fails (nothing is left at the output path); 2 when the checkpoint is missing or unreadable.
+Exit status: 0 when the file conforms to the contract and matches PyTorch within 1e-4; 1 when the exporter
+or a check fails (nothing is left at the output path); 2 when the checkpoint is missing or unreadable.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from export.check import TOLERANCE, verify
-from export.to_onnx import provenance_of, rebuild, to_onnx
+from export.to_onnx import ExportError, provenance_of, rebuild, to_onnx
 from train.checkpoint import CheckpointError, load
 
 
@@ -39,7 +39,11 @@ def export(run_dir: Path, out: Path | None = None) -> int:
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # config or weights do not fit together
         print(f"export: error: {run_dir}: checkpoint does not rebuild a model ({exc})", file=sys.stderr)
         return 2
-    proto = to_onnx(model, ckpt["vocab"], provenance_of(ckpt["summary"]))
+    try:
+        proto = to_onnx(model, ckpt["vocab"], provenance_of(ckpt["summary"]))
+    except ExportError as exc:
+        print(f"export: error: {run_dir}: the exporter failed ({exc}); {out} not written", file=sys.stderr)
+        return 1
     report = verify(proto, model)
     cfg = model.config
     print(f"export {run_dir}: {cfg.cell} {cfg.num_layers}x{cfg.hidden_size}, vocab {cfg.vocab_size}, "
