@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
-import os
 import queue
 import signal
 import socket
@@ -30,10 +29,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serve.ops.metrics import SharedEndpoint, shared_endpoint
 from serve.ops.settings import Settings
+
+if TYPE_CHECKING:  # for the annotation only, as _child imports the server where it runs
+    from serve.ops.server import StopRequests
 
 log = logging.getLogger(__name__)
 START_TIMEOUT = 120.0  # seconds for every child to load the model and bind
@@ -68,7 +70,7 @@ def _child(settings: Settings, index: int, events: Any, requests: Connection) ->
     sys.exit(status)
 
 
-def _from_parent(requests: Connection) -> Callable[[asyncio.AbstractEventLoop, Callable[[], None]], None]:
+def _from_parent(requests: Connection) -> StopRequests:
     """The parent's stop requests, one message each; the pipe closing (the parent died) drains, unless a
     request came first."""
     def install(loop: asyncio.AbstractEventLoop, request: Callable[[], None]) -> None:
