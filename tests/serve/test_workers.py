@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -98,6 +99,38 @@ def served_by(log_text: str, rpc: str) -> set[str]:
     return set(re.findall(rf"(worker\d) serve\.api\.interceptors: {rpc} ", log_text))
 
 
+class Streams:
+    """One Generate stream per connection, read on threads; `results` holds OK or (code, details)."""
+
+    def __init__(self, target: str, chars: int) -> None:
+        self.channels = connections(target)
+        self.chars = chars
+        self.received = [0] * len(self.channels)
+        self.results: list[object] = [None] * len(self.channels)
+        self.threads = [threading.Thread(target=self._read, args=(i,)) for i in range(len(self.channels))]
+        for t in self.threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while not all(self.received):
+            assert time.monotonic() < deadline, f"streams did not start: {self.received}"
+            time.sleep(0.005)
+
+    def _read(self, i: int) -> None:
+        try:
+            for _ in pb_grpc.CharRNNStub(self.channels[i]).Generate(
+                    pb.GenerateRequest(prompt="it was", max_chars=self.chars, seed=i), timeout=120):
+                self.received[i] += 1
+            self.results[i] = grpc.StatusCode.OK
+        except grpc.RpcError as error:
+            self.results[i] = (error.code(), error.details())
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join(timeout=120)
+        for channel in self.channels:
+            channel.close()
+
+
 def test_ctrl_c_to_the_process_group_drains_every_worker(text_model, tmp_path):
     """The terminal signals the parent and every worker at once; that is one request: calls in flight
     finish, every process exits 0, none is left."""
@@ -106,40 +139,52 @@ def test_ctrl_c_to_the_process_group_drains_every_worker(text_model, tmp_path):
     with log.open("w") as err:
         proc, (line,) = start_workers(text_model, "--max-chars", str(chars), "--grace", "60", log=err)
     try:
-        channels = connections(READY.match(line).group(1))
-        received = [0] * len(channels)
-        results: list[object] = [None] * len(channels)
-
-        def read(i: int) -> None:
-            try:
-                for _ in pb_grpc.CharRNNStub(channels[i]).Generate(
-                        pb.GenerateRequest(prompt="it was", max_chars=chars, seed=i), timeout=120):
-                    received[i] += 1
-                results[i] = grpc.StatusCode.OK
-            except grpc.RpcError as error:
-                results[i] = (error.code(), error.details())
-
-        threads = [threading.Thread(target=read, args=(i,)) for i in range(len(channels))]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 60
-        while not all(received):
-            assert time.monotonic() < deadline, f"streams did not start: {received}"
-            time.sleep(0.005)
+        streams = Streams(READY.match(line).group(1), chars)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
-        in_flight = sum(received) < len(channels) * chars
-        for t in threads:
-            t.join(timeout=120)
-        for channel in channels:
-            channel.close()
+        in_flight = sum(streams.received) < len(streams.channels) * chars
+        streams.join()
         assert proc.wait(timeout=60) == 0
         assert group_is_gone(proc.pid), "a process of the server outlived it"
     finally:
         stop_group(proc)
     assert in_flight, "the streams had finished before the signal: the test proves nothing"
-    assert results == [grpc.StatusCode.OK] * len(channels) and received == [chars] * len(channels)
+    n = len(streams.channels)
+    assert streams.results == [grpc.StatusCode.OK] * n and streams.received == [chars] * n
     assert served_by(log.read_text(), "Generate") == {"worker0", "worker1"}, log.read_text()
     assert "Traceback" not in log.read_text()
+
+
+def test_a_second_ctrl_c_cuts_the_calls_in_every_worker(text_model, tmp_path):
+    log = tmp_path / "serve.log"
+    with log.open("w") as err:
+        proc, (line,) = start_workers(text_model, "--max-chars", "100000", "--max-batch", "1", "--grace", "60",
+                                      log=err)
+    try:
+        streams = Streams(READY.match(line).group(1), 100_000)
+        started = time.monotonic()
+        for _ in range(2):
+            os.killpg(proc.pid, signal.SIGINT)
+            time.sleep(0.3)
+        streams.join()
+        assert proc.wait(timeout=60) == 0
+        assert time.monotonic() - started < 30  # cut, not the 60 s grace
+        assert group_is_gone(proc.pid), "a process of the server outlived it"
+    finally:
+        stop_group(proc)
+    for result, received in zip(streams.results, streams.received):
+        assert isinstance(result, tuple) and result[0] == grpc.StatusCode.UNAVAILABLE, result
+        assert "second SIGTERM" in result[1] and 0 < received < 100_000
+
+
+def test_workers_refuse_a_metrics_port_in_use(hihell_model):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "serve", "--model", str(hihell_model), "--workers", "2",
+                               "--metrics-port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert f"--metrics-port {port}: cannot bind" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def children_of(pid: int) -> list[str]:
