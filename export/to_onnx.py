@@ -22,6 +22,10 @@ from train.model import CharRNN, ModelConfig
 OPSET = 17  # the ONNX RNN/GRU/LSTM ops and every runtime we target (onnxruntime >= 1.11, Triton) agree here
 
 
+class ExportError(Exception):
+    """The exporter could not turn a model that rebuilt fine into an ONNX file."""
+
+
 def rebuild(ckpt: dict) -> CharRNN:
     model = CharRNN(ModelConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model_state"])
@@ -29,6 +33,15 @@ def rebuild(ckpt: dict) -> CharRNN:
 
 
 def to_onnx(model: CharRNN, vocab: list[str], provenance: dict[str, str]) -> onnx.ModelProto:
+    """The ONNX graph with the contract's metadata; ExportError says what failed, in one line."""
+    try:
+        return _to_onnx(model, vocab, provenance)
+    except Exception as exc:  # noqa: BLE001 - torch.onnx and protobuf raise many unrelated types
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ExportError(f"{type(exc).__name__}: {first}" if first else type(exc).__name__) from exc
+
+
+def _to_onnx(model: CharRNN, vocab: list[str], provenance: dict[str, str]) -> onnx.ModelProto:
     cfg = model.config
     ids = torch.zeros(2, 3, dtype=torch.long)  # batch != seq so no dim can be confused with the other
     state = model.init_state(2)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -8,7 +9,7 @@ import torch
 
 from export.check import verify
 from export.contract import violations
-from export.to_onnx import rebuild, to_onnx
+from export.to_onnx import ExportError, rebuild, to_onnx
 from support import run_stage
 from train import checkpoint
 
@@ -106,6 +107,39 @@ def test_contract_violations_are_named(text_runs):
         if p.key == "vocab":
             p.value = '"abc"'
     assert violations(proto) == ["metadata 'vocab' is not a JSON array of distinct single-character strings"]
+
+
+@pytest.mark.parametrize("key, value", [("num_layers", "abc"), ("hidden_size", ""), ("state_size", "-32"),
+                                        ("num_layers", "\u0662"), ("hidden_size", " 32")])
+def test_non_numeric_metadata_is_a_violation_not_a_traceback(text_runs, key, value):
+    proto = onnx.load(str(text_runs["rnn"] / "model.onnx"))
+    for p in proto.metadata_props:
+        if p.key == key:
+            p.value = value
+    assert violations(proto) == [f"metadata '{key}' must be a positive decimal integer, got {value!r}"]
+
+
+def test_a_failure_inside_the_torch_exporter_is_an_export_error(text_runs):
+    ckpt = checkpoint.load(text_runs["gru"])
+    model = rebuild(ckpt)
+    model.config = dataclasses.replace(model.config, num_layers=3)  # its example state no longer fits the GRU
+    with pytest.raises(ExportError, match=r"^RuntimeError: .*hidden"):
+        to_onnx(model, ckpt["vocab"], {})
+
+
+def test_export_reports_an_exporter_failure_in_one_line(tmp_path, tiny_corpus):
+    """A vocabulary ONNX cannot hold (a lone surrogate, as a corpus decoded with surrogateescape gives):
+    exit 1 with the reason, no traceback, nothing written."""
+    run_stage("train", "--corpus", str(tiny_corpus), "--hidden", "8", "--layers", "1", "--steps", "1",
+              "--batch-size", "2", "--seq-len", "8", "--out", str(tmp_path))
+    ckpt = checkpoint.load(tmp_path)
+    ckpt["vocab"][0] = "\udcff"
+    checkpoint.save(tmp_path / checkpoint.FILENAME, {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    proc = run_stage("export", str(tmp_path), check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert f"export: error: {tmp_path}: the exporter failed (UnicodeEncodeError: " in proc.stderr, proc.stderr
+    assert "surrogates not allowed" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "model.onnx").exists()
 
 
 def test_missing_and_corrupt_checkpoint_exit_nonzero(tmp_path):

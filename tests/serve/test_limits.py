@@ -6,6 +6,7 @@ cancelled (or expired) stream's slot free, and its computation stopped, within 1
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -106,6 +107,8 @@ def test_a_cancelled_stream_frees_its_slot_and_stops_computing(limited):
 
 def test_an_expired_deadline_frees_the_slot_and_stops_computing(limited):
     before = metric(limited, "charrnn_cancelled_streams_total")
+    expired = metric(limited, "charrnn_calls_total", rpc="Generate", code="DEADLINE_EXCEEDED")
+    cancelled = metric(limited, "charrnn_calls_total", rpc="Generate", code="CANCELLED")
     call = limited.stub.Generate(pb.GenerateRequest(prompt="it", max_chars=100_000), timeout=0.3)
     next(call)
     time.sleep(0.35)  # the client reads nothing more; the deadline passes on the server
@@ -114,9 +117,31 @@ def test_an_expired_deadline_frees_the_slot_and_stops_computing(limited):
         list(call)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert metric(limited, "charrnn_cancelled_streams_total") == before + 1
+    assert metric(limited, "charrnn_calls_total", rpc="Generate", code="DEADLINE_EXCEEDED") == expired + 1
+    assert metric(limited, "charrnn_calls_total", rpc="Generate", code="CANCELLED") == cancelled
     rows = limited.server.engine.stats["step_rows"]
     time.sleep(0.1)
     assert limited.server.engine.stats["step_rows"] == rows
+
+
+def test_a_deadline_that_passes_while_the_server_waits_for_the_client_is_counted_as_such(limited):
+    """Predict waits for the client's next message; the deadline ends it there, not a cancel."""
+    expired = metric(limited, "charrnn_calls_total", rpc="Predict", code="DEADLINE_EXCEEDED")
+    cancelled = metric(limited, "charrnn_calls_total", rpc="Predict", code="CANCELLED")
+    held = threading.Event()
+
+    def requests():
+        yield pb.PredictRequest(text="it")
+        held.wait(5)  # the server is left waiting for more
+
+    call = limited.stub.Predict(requests(), timeout=0.2)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(call)
+    held.set()
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for_slot(limited)  # the call has ended on the server: its hooks ran
+    assert metric(limited, "charrnn_calls_total", rpc="Predict", code="DEADLINE_EXCEEDED") == expired + 1, scrape(limited)
+    assert metric(limited, "charrnn_calls_total", rpc="Predict", code="CANCELLED") == cancelled
 
 
 @pytest.mark.parametrize("call, code, fragment", [
