@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from serve.errors import (EngineFailure, InvalidArgument, ModelError, ResourceExhausted, ServeError,
-                          Unauthenticated, Unavailable)
+                          StateFromAnotherModel, Unauthenticated, Unavailable)
 
 _STATUS: dict[type[ServeError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -14,6 +14,7 @@ _STATUS: dict[type[ServeError], grpc.StatusCode] = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     ModelError: grpc.StatusCode.FAILED_PRECONDITION,
+    StateFromAnotherModel: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
