@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import grpc
 import pytest
@@ -10,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.ops.version import project_version
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -253,6 +255,7 @@ def test_model_info(hihell_server, hihell_model):
     assert info.execution_provider == "CPUExecutionProvider"
     assert info.model_sha256 == hashlib.sha256(hihell_model.read_bytes()).hexdigest()
     assert info.corpus == "hihell" and info.producer == "charrnn" and info.max_chars == 1000
+    assert info.project_version == project_version() and re.fullmatch(r"\d+\.\d+\.\d+", info.project_version)
 
 
 def test_lstm_model_info_and_step(lstm_server):
