@@ -7,14 +7,12 @@ cancelled (or expired) stream's slot free, and its computation stopped, within 1
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import grpc
 import pytest
-from live import LiveServer, serve_model
+from live import LiveServer, scrape, serve_model
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 
@@ -24,14 +22,6 @@ LIMITS = dict(max_streams=1, max_chars=100_000, max_prompt_chars=50, max_message
 @pytest.fixture(scope="module")
 def limited(text_model) -> Iterator[LiveServer]:
     yield from serve_model(text_model, **LIMITS)
-
-
-def scrape(server: LiveServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every charrnn_* sample on the metrics endpoint: {(name, sorted labels): value}."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=5).read()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text.decode())
-            for s in family.samples if s.name.startswith("charrnn_")}
 
 
 def metric(server: LiveServer, name: str, **labels: str) -> float:
