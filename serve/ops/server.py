@@ -176,9 +176,10 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
     reuse_port: bind with SO_REUSEPORT, for `--workers` processes sharing one port (serve/ops/workers.py).
 
     Raises ModelError / DeviceError when the model or the device cannot be used, ConfigError for a
-    bad TLS file.
+    bad TLS file or a missing CHANGELOG.md (the project version).
     """
     credentials = _credentials(settings)
+    version = project_version()  # before the engine starts: an image without CHANGELOG.md fails here
     metrics = Metrics()
     engine: Engine
     if settings.engine == "process":  # the engine process loads and checks the model; nothing here does
@@ -190,7 +191,7 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
     provider = engine.provider
     try:  # an engine process is running from here on: it must not outlive a failed start
         service = CharRNNService(engine, provider, settings.max_chars, settings.state_key.encode(),
-                                 settings.max_prompt_chars)
+                                 settings.max_prompt_chars, version=version)
         gate = Gate(settings.max_streams, metrics)
         server = grpc.aio.server(interceptors=chain(gate, metrics, settings.auth_token),
                                  options=[("grpc.so_reuseport", int(reuse_port)),
