@@ -3,7 +3,8 @@
     python -m export runs/demo          # reads runs/demo/checkpoint.pt, writes runs/demo/model.onnx
 
 Exit status: 0 when the file conforms to the contract and matches PyTorch within 1e-4; 1 when a check
-fails (nothing is left at the output path); 2 when the checkpoint is missing or unreadable.
+fails, NaN or infinite weights or outputs included (nothing is left at the output path); 2 when the
+checkpoint is missing or unreadable.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""Export proves itself before it reports success: checker, contract, parity with PyTorch, state threading."""
+"""Export proves itself before it reports success: checker, contract, finite weights, parity with PyTorch,
+state threading. Every comparison is written so that NaN fails it (`nan > tol` is False, `nan <= tol` too)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,8 +31,9 @@ class Report:
     def lines(self) -> list[str]:
         out = [f"  onnxruntime vs PyTorch, batch {b} seq {s}: max |diff| logits {lo:.2e}, state {st:.2e}"
                for (b, s), (lo, st) in self.parity.items()]
-        out.append(f"  whole sequence vs one char at a time: max |diff| logits {self.threading[0]:.2e}, "
-                   f"state {self.threading[1]:.2e}")
+        if self.parity:
+            out.append(f"  whole sequence vs one char at a time: max |diff| logits {self.threading[0]:.2e}, "
+                       f"state {self.threading[1]:.2e}")
         out += [f"  FAIL: {p}" for p in self.problems]
         return out
 
@@ -48,6 +51,7 @@ def verify(proto: onnx.ModelProto, model: CharRNN, seed: int = 0) -> Report:
     except onnx.checker.ValidationError as exc:
         report.problems.append(f"onnx.checker: {exc}")
     report.problems += violations(proto)
+    report.problems += nonfinite_weights(model)
     if report.problems:
         return report
     sess = session(proto.SerializeToString())
@@ -60,14 +64,16 @@ def verify(proto: onnx.ModelProto, model: CharRNN, seed: int = 0) -> Report:
         with torch.no_grad():
             want_logits, want_state = model(ids, state)
         got_logits, got_state = sess.run(None, {"input_ids": ids.numpy(), "state_in": state.numpy()})
+        if not (np.isfinite(got_logits).all() and np.isfinite(got_state).all()):
+            report.problems.append(f"batch {batch} seq {seq}: onnxruntime outputs are not finite")
         if got_logits.shape != tuple(want_logits.shape) or got_state.shape != tuple(want_state.shape):
             report.problems.append(f"batch {batch} seq {seq}: onnxruntime shapes {got_logits.shape}, "
                                    f"{got_state.shape}; PyTorch {tuple(want_logits.shape)}, {tuple(want_state.shape)}")
             continue
         diff = (_maxdiff(got_logits, want_logits), _maxdiff(got_state, want_state))
         report.parity[(batch, seq)] = diff
-        if max(diff) > TOLERANCE:
-            report.problems.append(f"batch {batch} seq {seq}: max |diff| {max(diff):.2e} > {TOLERANCE}")
+        if not _within(diff):
+            report.problems.append(f"batch {batch} seq {seq}: max |diff| {_worst(diff):.2e} > {TOLERANCE}")
 
     ids = torch.randint(0, vocab, (3, 12), generator=rng).numpy()
     zero = np.zeros((3, model.config.num_layers, model.config.state_size), dtype=np.float32)
@@ -78,9 +84,27 @@ def verify(proto: onnx.ModelProto, model: CharRNN, seed: int = 0) -> Report:
         steps.append(logits)
     report.threading = (float(np.abs(np.concatenate(steps, axis=1) - whole_logits).max()),
                         float(np.abs(state - whole_state).max()))
-    if max(report.threading) > TOLERANCE:
-        report.problems.append(f"state threading: max |diff| {max(report.threading):.2e} > {TOLERANCE}")
+    if not _within(report.threading):
+        report.problems.append(f"state threading: max |diff| {_worst(report.threading):.2e} > {TOLERANCE}")
     return report
+
+
+def nonfinite_weights(model: CharRNN) -> list[str]:
+    """A tensor holding NaN or Inf: such weights must not reach a server, whatever parity says."""
+    problems = []
+    for name, tensor in model.state_dict().items():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            problems.append(f"weights '{name}': {bad} of {tensor.numel()} values are NaN or infinite")
+    return problems
+
+
+def _within(diffs: tuple[float, ...]) -> bool:
+    return all(d <= TOLERANCE for d in diffs)  # False for NaN, unlike max(diffs) > TOLERANCE
+
+
+def _worst(diffs: tuple[float, ...]) -> float:
+    return math.nan if any(math.isnan(d) for d in diffs) else max(diffs)
 
 
 def _maxdiff(got: np.ndarray, want: torch.Tensor) -> float:

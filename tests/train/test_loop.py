@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -55,8 +56,15 @@ def test_validation_metrics_and_best_checkpoint(tmp_path, tiny_corpus):
     summary = _train(tmp_path, tiny_corpus, steps=20)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     vals = [r for r in records if r["event"] == "val"]
-    assert [r["step"] for r in vals] == [5, 10, 15, 20]
+    assert [r["step"] for r in vals] == [0, 5, 10, 15, 20]  # step 0: the untrained model, for reference
     assert summary["best_val_loss"] == min(r["val_loss"] for r in vals)
+    for r in vals:  # both protocols at every validation, in nats and bits per character
+        assert r["val_bpc"] == pytest.approx(r["val_loss"] / math.log(2))
+        assert r["val_bpc_windowed"] == pytest.approx(r["val_loss_windowed"] / math.log(2))
+        assert r["windowed_se"] <= 0.005 and r["windows"] >= 1 and r["eval_seconds"] >= 0
+    best = next(r for r in vals if r["step"] == summary["best_step"])
+    assert summary["best_val_loss_windowed"] == best["val_loss_windowed"]
+    assert summary["best_val_bpc"] == pytest.approx(summary["best_val_loss"] / math.log(2))
     assert records[-1]["event"] == "done"
     assert any(r["event"] == "train" for r in records)
     saved = checkpoint.load(tmp_path)["summary"]
