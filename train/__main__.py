@@ -60,7 +60,8 @@ def parser() -> argparse.ArgumentParser:
                    help="replace the run in --out: removes checkpoint.pt, last.pt, metrics.jsonl, loss.png "
                         "(never model.onnx, which a server may be reading)")
     p.add_argument("--quiet", action="store_true",
-                   help="no progress bar (on a terminal) or progress lines (elsewhere)")
+                   help="no progress bar (on a terminal) or progress lines (elsewhere), no info logging: "
+                        "only warnings, errors and the closing line")
     p.add_argument("--corpus", default=None,
                    help="hihell | default | tinyshakespeare | a UTF-8 file | a folder of .txt files "
                         "(default: the Python language reference shipped with CPython)")
@@ -131,7 +132,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     torch.set_num_threads(max(1, args.threads))
     try:
         corpus = load_corpus(args.corpus, args.cache_dir)

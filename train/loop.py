@@ -358,11 +358,11 @@ class _Run:
                 began = time.monotonic()
                 self.train_step()
                 pos.train_seconds += time.monotonic() - began
-                bar.update(self.tick())
                 if self.val_ids is not None and pos.step % self.cfg.eval_every == 0:
                     self.validate(bar)
                 if pos.step % run.save_every == 0:
                     self.save_last()
+                bar.update(self.tick())  # after validating, so the bar and lines show this step's figure
             if stops.received is not None:
                 self.interrupted = stops.received.name
                 self.save_last()

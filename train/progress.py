@@ -4,6 +4,7 @@ nothing (--quiet). The loop hands each of them the same Tick and knows nothing o
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import NamedTuple, Protocol
 
@@ -45,6 +46,13 @@ class Tick(NamedTuple):
         return f"train {self.loss:.4f} | val {val} | {self.chars_per_s / 1000:.1f}k chars/s"
 
 
+def _columns(stream) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
 def _clock(seconds: float | None) -> str:
     return "?" if seconds is None else tqdm.format_interval(max(0.0, seconds))
 
@@ -59,7 +67,7 @@ class Progress(Protocol):
 class Bar:
     """A tqdm bar on stderr: done/total, the Tick's fields, elapsed<ETA."""
 
-    FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {unit} | {postfix} [{elapsed}<{remaining}]"
+    FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {unit} | {desc} [{elapsed}<{remaining}]"
 
     def __init__(self, stream=None) -> None:
         self.stream = stream or sys.stderr
@@ -80,11 +88,13 @@ class Bar:
         if self.bar is None or self.bar.unit != unit:
             if self.bar is not None:
                 self.bar.close()
-            self.bar = tqdm(total=total, initial=int(done), unit=unit, file=self.stream, dynamic_ncols=True,
+            # A terminal that reports no size (0x0, as a bare pty does) would get an invisible bar: 100x24.
+            resizes = _columns(self.stream) > 0
+            self.bar = tqdm(total=total, initial=int(done), unit=unit, file=self.stream, dynamic_ncols=resizes,
+                            ncols=None if resizes else 100, nrows=None if resizes else 24,
                             bar_format=self.FORMAT, smoothing=0.05)
-        self.bar.n = int(done)
-        self.bar.set_postfix_str(tick.fields(), refresh=False)
-        self.bar.refresh()
+        self.bar.set_description_str(tick.fields(), refresh=False)
+        self.bar.update(int(done) - self.bar.n)  # redraws at most every 0.1 s (tqdm's mininterval)
 
     def note(self, message: str) -> None:
         tqdm.write(message, file=self.stream)
