@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -116,3 +117,23 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"weights": 1}, tmp_path / "checkpoint.pt")
     with pytest.raises(checkpoint.CheckpointError, match="not a charrnn checkpoint"):
         checkpoint.load(tmp_path)
+
+
+def test_a_nonfinite_loss_stops_training_and_keeps_the_last_good_checkpoints(tmp_path, tiny_corpus):
+    # Adam at lr 1e30 with no clipping: the weights overflow within a few steps
+    proc = run_stage("train", "--corpus", str(tiny_corpus), "--hidden", "32", "--layers", "1", "--batch-size", "4",
+                     "--seq-len", "16", "--steps", "50", "--eval-every", "1000", "--lr", "1e30", "--grad-clip", "0",
+                     "--schedule", "constant", "--out", str(tmp_path), check=False)
+    print(proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 1, proc.stderr
+    found = re.search(r"train: error: step (\d+): the training loss is (nan|inf); training stopped\. Kept: "
+                      rf"{re.escape(str(tmp_path / 'checkpoint.pt'))} \(best validation, step 0\), "
+                      rf"{re.escape(str(tmp_path / 'last.pt'))} \(latest, step 0\)", proc.stderr)
+    assert found, proc.stderr
+    assert 1 <= int(found.group(1)) < 50 and "Traceback" not in proc.stderr
+    for name in (checkpoint.FILENAME, checkpoint.LAST):
+        weights = checkpoint.load(tmp_path, name)["model_state"]
+        assert all(torch.isfinite(w).all() for w in weights.values())
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["event"] == "diverged" and last["step"] == int(found.group(1))
+    run_stage("export", str(tmp_path))  # what was kept still exports
