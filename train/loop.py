@@ -339,8 +339,9 @@ class _Run:
         if pos.chunk == self.windows:
             pos.chunk, pos.epoch = 0, pos.epoch + 1
         pos.last_train_loss = value
-        # an exponential average over ~50 steps: the bar and the plot show the trend, not each batch's noise
-        pos.loss_smooth = value if math.isnan(pos.loss_smooth) else 0.98 * pos.loss_smooth + 0.02 * value
+        # an exponential average over ~10 steps: the bar and the plot show the trend, not each batch's noise,
+        # and lag the fast early descent by little
+        pos.loss_smooth = value if math.isnan(pos.loss_smooth) else 0.9 * pos.loss_smooth + 0.1 * value
         if pos.step % 10 == 0 or pos.step == 1:
             self.emit({"event": "train", "step": pos.step, "epoch": pos.epoch, "loss": value,
                        "loss_smooth": pos.loss_smooth, "lr": lr, "chars": pos.chars,
@@ -372,6 +373,7 @@ class _Run:
                 return self.result(exit_code=stops.exit_code)
             if self.val_ids is not None and pos.last_val_step != pos.step:
                 self.validate(bar)  # the final weights get their chance to be the best
+                bar.update(self.tick())
             if self.val_ids is None:
                 self.save_best()  # nothing to select on: keep the last weights
             self.save_last()

@@ -90,6 +90,7 @@ class Bar:
                 self.bar.close()
             # A terminal that reports no size (0x0, as a bare pty does) would get an invisible bar: 100x24.
             resizes = _columns(self.stream) > 0
+            total = int(total) if float(total).is_integer() else total  # "100 s", not "100.0 s"
             self.bar = tqdm(total=total, initial=int(done), unit=unit, file=self.stream, dynamic_ncols=resizes,
                             ncols=None if resizes else 100, nrows=None if resizes else 24,
                             bar_format=self.FORMAT, smoothing=0.05)
@@ -105,6 +106,7 @@ class Lines:
 
     def __init__(self, every: int) -> None:
         self.every = every
+        self.shown = -1  # the last step a line was written for: a step updated twice gets one line
 
     def __enter__(self) -> Lines:
         return self
@@ -113,8 +115,9 @@ class Lines:
         pass
 
     def update(self, tick: Tick) -> None:
-        if tick.step % self.every:
+        if tick.step % self.every or tick.step == self.shown:
             return
+        self.shown = tick.step
         done, total, unit = tick.done_total()
         shown = f"{int(done)}/{int(total)} {unit}"
         log.info("step %d | %s (%3.0f%%) | %s | elapsed %s | ETA %s", tick.step, shown, 100 * done / total,
