@@ -10,6 +10,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -188,15 +189,15 @@ class _Run:
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.device)
         self.sha256 = rundir.corpus_sha256(corpus.text)
-        self.saved = _open_folder(self.out, run, self.sha256, corpus, model_cfg, cfg)
-        self.metrics = self.out / rundir.METRICS
-
-        torch.manual_seed(cfg.seed)
         self.ids = corpus.encode(corpus.text)
         train_ids, val_ids = split(self.ids, cfg.val_fraction)
         self.train_chars = len(train_ids)
         self.val_ids = val_ids if len(val_ids) >= 2 else None  # the seed lesson has none: keep the last weights
-        self.inputs, self.targets = streams(train_ids, cfg.batch_size)
+        self.inputs, self.targets = streams(train_ids, cfg.batch_size)  # may refuse the text: before any file
+        self.saved = _open_folder(self.out, run, self.sha256, corpus, model_cfg, cfg)
+        self.metrics = self.out / rundir.METRICS
+
+        torch.manual_seed(cfg.seed)
         self.windows = math.ceil(self.inputs.shape[1] / cfg.seq_len)  # per epoch
         self.budget = _Budget(cfg, self.windows)
         self.model = CharRNN(self.model_cfg).to(self.device)
@@ -300,7 +301,7 @@ class _Run:
                  f"windows of {ev.window}; {ev.seconds:.1f}s" + (" (best, saved)" if improved else ""))
         self.draw()
 
-    def diverged(self, what: str) -> None:
+    def diverged(self, what: str) -> NoReturn:
         kept = []
         for name, label in ((checkpoint.FILENAME, "best validation"), (checkpoint.LAST, "latest")):
             if (self.out / name).exists():
