@@ -298,7 +298,7 @@ class _Run:
                    "elapsed": round(pos.train_seconds, 3)})
         bar.note(f"step {pos.step}: val {ev.carried:.4f} nats/char ({ev.carried_bpc:.3f} bits/char) carried, "
                  f"{ev.windowed:.4f} ± {ev.windowed_se:.4f} ({ev.windowed_bpc:.3f} bits/char) over {ev.windows} "
-                 f"windows of {ev.window}; {ev.seconds:.1f}s" + (" (best, saved)" if improved else ""))
+                 f"windows of {ev.window} ({ev.tilings} tilings); {ev.seconds:.1f}s" + (" (best, saved)" if improved else ""))
         self.draw()
 
     def diverged(self, what: str) -> NoReturn:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.evaluate import WINDOWS_PER_BATCH, carried, evaluate, windowed
+from train.evaluate import MIN_TILINGS, carried, evaluate, windowed
 from train.model import CharRNN, ModelConfig
 
 CPU = torch.device("cpu")
@@ -30,24 +30,27 @@ def _window_loss(model, ids, start, window):
 
 def test_windowed_reads_every_start_of_a_short_text_exactly(model):
     ids = torch.randint(0, 7, (300,), generator=torch.Generator().manual_seed(1))
-    mean, se, n, window = windowed(model, ids, CPU, seed=5)
-    assert (window, n, se) == (256, 300 - 256, 0.0)  # every start read: exact, no sampling error
+    mean, se, n, window, tilings = windowed(model, ids, CPU, seed=5, target_se=1e-12)
+    # 44 possible starts, fewer than a window: 44 tilings of one window each; all read, the figure is exact
+    assert (window, n, tilings, se) == (256, 300 - 256, 300 - 256, 0.0)
     direct = [_window_loss(model, ids, s, 256) for s in range(n)]
     assert mean == pytest.approx(sum(direct) / n, abs=1e-5)
 
 
-def test_windowed_samples_seeded_starts_until_the_standard_error_is_small(model):
+def test_windowed_reads_seeded_tilings_until_the_standard_error_is_small(model):
     ids = torch.randint(0, 7, (4000,), generator=torch.Generator().manual_seed(2))
-    target = 0.0008  # tighter than the default, so that more than one batch of windows is needed
-    mean, se, n, window = windowed(model, ids, CPU, seed=5, window=32, target_se=target)
+    window, target = 32, 0.0001  # far tighter than the default, so that more than MIN_TILINGS are needed
+    mean, se, n, got_window, tilings = windowed(model, ids, CPU, seed=5, window=window, target_se=target)
     starts = len(ids) - window
-    assert se <= target and WINDOWS_PER_BATCH < n < starts and n % WINDOWS_PER_BATCH == 0
-    order = torch.randperm(starts, generator=torch.Generator().manual_seed(5))[:n]
-    direct = torch.tensor([_window_loss(model, ids, int(s), window) for s in order], dtype=torch.float64)
-    assert mean == pytest.approx(float(direct.mean()), abs=1e-5)
-    fpc = math.sqrt((starts - n) / (starts - 1))  # sampling without replacement from every start
-    assert se == pytest.approx(float(direct.std()) / math.sqrt(n) * fpc, rel=1e-3)
-    assert windowed(model, ids, CPU, seed=5, window=32, target_se=target) == (mean, se, n, window)  # seeded
+    assert got_window == window and se <= target and MIN_TILINGS < tilings < window
+    shifts = torch.randperm(window, generator=torch.Generator().manual_seed(5))[:tilings].tolist()
+    per_tiling = [[_window_loss(model, ids, s, window) for s in range(shift, starts, window)] for shift in shifts]
+    assert n == sum(map(len, per_tiling))
+    assert mean == pytest.approx(sum(map(sum, per_tiling)) / n, abs=1e-5)  # every window weighs the same
+    tiling_means = torch.tensor([sum(t) / len(t) for t in per_tiling], dtype=torch.float64)
+    fpc = math.sqrt((window - tilings) / (window - 1))  # shifts drawn without replacement from all of them
+    assert se == pytest.approx(float(tiling_means.std()) / math.sqrt(tilings) * fpc, rel=1e-3)
+    assert windowed(model, ids, CPU, seed=5, window=window, target_se=target) == (mean, se, n, window, tilings)
 
 
 def test_carried_is_the_whole_text_in_streams_with_the_state_carried(model):
