@@ -3,19 +3,28 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+TRITON_VENV  := .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo
 DEMO_BUDGET ?= 180
 
-.PHONY: install test test-slow demo protos clean
+.PHONY: install test test-slow test-containers demo protos clean
 
 NODE_STAMP := clients/node/node_modules/.package-lock.json
 
-install: $(STAMP) node-install
+install: $(STAMP) $(TRITON_STAMP) node-install
 
 $(STAMP): requirements/train.txt requirements/export.txt requirements/serve.txt requirements/dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements/dev.txt
 	touch $(STAMP)
+
+# tritonclient[grpc] requires protobuf<7 while the project pins protobuf 7, so the tritonclient side of the
+# interop tests runs in an environment of its own; tests/tritonenv.py runs its Python as a subprocess.
+$(TRITON_STAMP): requirements/tritonclient.txt
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install --disable-pip-version-check -q -r requirements/tritonclient.txt
+	touch $(TRITON_STAMP)
 
 # The Node.js client's packages (for its tests): npm writes NODE_STAMP, so this reruns only when the
 # lock file changes or node_modules is gone. Without npm the Node client tests skip, saying why.
@@ -34,6 +43,12 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -m slow
 
+# Real images and containers on a Docker engine (tests/containers/): builds the CPU images (on local
+# Debian stand-ins where no registry is reachable), `docker compose up`, calls through the published
+# ports, the scale profile with a replica killed, `down -v`. Skips without an engine, fails under CI=true.
+test-containers: install
+	$(BIN)/python -m pytest -m containers tests/containers
+
 # train (short) -> export -> start the server on a free port -> stream a sample through the client -> stop.
 # --resume auto: a second `make demo` keeps the finished run (or continues an interrupted one); retrain from
 # scratch with `rm -rf runs/demo` or `python -m train ... --overwrite`.
@@ -48,14 +63,16 @@ demo: install
 	target=$$(sed -n 's/^charrnn serving .* on \([^ ]*\) (.*/\1/p' $(DEMO_DIR)/serve.log); \
 	$(BIN)/python -m serve.client generate --target $$target --prompt "The " --max-chars 400 --temperature 0.8
 
-# Regenerates the committed gRPC stubs in serve/pb/ from protos/. The -I mapping places the proto at
-# serve/pb/charrnn/v1/charrnn.proto for protoc, so generated imports read `serve.pb.charrnn.v1...`
-# with no post-processing. PROTO_OUT lets the stub test regenerate elsewhere and diff.
+# Regenerates the committed gRPC stubs in serve/api/pb/ from protos/. The -I mapping places each proto at
+# serve/api/pb/<its path> for protoc (e.g. serve/api/pb/charrnn/v1/charrnn.proto), so generated imports
+# read `serve.api.pb.charrnn.v1...` and `serve.api.pb.inference...` with no post-processing. PROTO_OUT
+# lets the stub test regenerate elsewhere and diff.
+PROTOS := protos/charrnn/v1/charrnn.proto protos/inference/grpc_service.proto
 PROTO_OUT ?= .
 protos:
-	$(BIN)/python -m grpc_tools.protoc -Iserve/pb=protos \
+	$(BIN)/python -m grpc_tools.protoc -Iserve/api/pb=protos \
 		--python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
-		protos/charrnn/v1/charrnn.proto
+		$(PROTOS)
 
 clean:
-	rm -rf $(VENV) runs clients/node/node_modules
+	rm -rf $(VENV) $(TRITON_VENV) runs clients/node/node_modules

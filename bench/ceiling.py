@@ -17,9 +17,9 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from serve.loops import CHOICES, loop_factory  # noqa: E402
-from serve.pb.charrnn.v1 import charrnn_pb2 as pb  # noqa: E402
-from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc  # noqa: E402
+from serve.ops.loops import CHOICES, loop_factory  # noqa: E402
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb  # noqa: E402
+from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc  # noqa: E402
 
 
 class Ceiling(pb_grpc.CharRNNServicer):

@@ -10,11 +10,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # first, ahead of bench/: `serve` must be the package, not bench/serve.py
 
+TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 READY = re.compile(r" on (\S+:\d+)")  # `python -m serve`'s and bench/ceiling.py's ready lines
 ENGINE_CHILD = "--engine-child"  # bench/model_skipped.py's argument when it runs as the engine process
 VOCAB_65 = list("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")  # tinyshakespeare's
@@ -98,9 +100,33 @@ def process_tree(pid: int) -> list[int]:
 
 
 def is_engine_process(pid: int) -> bool:
-    """Whether pid runs an engine (serve/engine_process.py, or bench/model_skipped.py's stand-in)."""
+    """Whether pid runs an engine (serve/process/, or bench/model_skipped.py's stand-in). The module's
+    name before the layout of issue 12 still counts, so that a run can measure a checkout from before it."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"serve.engine_process" in argv or ENGINE_CHILD.encode() in argv
+    return bool({b"serve.process.child", b"serve.engine_process",
+                 ENGINE_CHILD.encode()} & set(argv))
+
+
+def cpu_seconds(pid: int) -> dict[int, tuple[float, bool]] | None:
+    """Per process of the server's tree: (CPU seconds, user + system, from /proc; whether it is an
+    engine process). None where there is no /proc."""
+    if not os.path.isdir("/proc"):
+        return None
+    seconds = {}
+    for p in process_tree(pid):
+        try:
+            fields = proc_stat(p)
+        except OSError:
+            continue  # gone meanwhile
+        seconds[p] = ((int(fields[11]) + int(fields[12])) / TICK, is_engine_process(p))
+    return seconds
+
+
+def load_columns(median: Callable[[str], float]) -> str:
+    """A report row's chars/s, time to the first character and gaps between characters (p50, p99), from
+    median(key) over the rounds of one load's results (bench/load.py's keys)."""
+    return (f"{median('chars_per_s'):>9.0f} {median('ttfc_p50_ms'):>7.2f}ms "
+            f"{median('gap_p50_ms'):>6.3f}ms {median('gap_p99_ms'):>6.3f}ms  ")

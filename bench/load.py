@@ -20,8 +20,8 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from serve.pb.charrnn.v1 import charrnn_pb2 as pb  # noqa: E402
-from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc  # noqa: E402
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb  # noqa: E402
+from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc  # noqa: E402
 
 
 async def one_stream(stub, prompt: str, chars: int, seed: int, ttfc: list, gaps: list) -> int:

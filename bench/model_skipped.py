@@ -20,7 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from harness import ENGINE_CHILD  # noqa: E402  (how this script starts itself as the engine process)
-from serve import engine_process, runtime  # noqa: E402
+from serve.engine import runtime  # noqa: E402
+from serve.process import child, proxy  # noqa: E402
 _real_step = runtime.Runtime.step
 _first: dict[int, np.ndarray] = {}
 
@@ -36,8 +37,8 @@ def _skipped_step(self: runtime.Runtime, ids: np.ndarray, state: Any) -> tuple[n
 if __name__ == "__main__":
     runtime.Runtime.step = _skipped_step  # type: ignore[method-assign]  (covers --engine thread)
     if sys.argv[1:2] == [ENGINE_CHILD]:
-        sys.exit(engine_process.main(sys.argv[2:]))
-    engine_process.CHILD = [sys.executable, __file__, ENGINE_CHILD]
+        sys.exit(child.main(sys.argv[2:]))
+    proxy.CHILD = [sys.executable, __file__, ENGINE_CHILD]
     from serve.__main__ import main
 
     sys.exit(main())

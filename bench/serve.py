@@ -32,9 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import ROOT, ServerProcess, build_model, is_engine_process, proc_stat, process_tree  # harness puts the repository root on sys.path
-
-TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+from harness import ROOT, ServerProcess, build_model, cpu_seconds, load_columns  # harness puts the repository root on sys.path
 
 
 def load(target: str, streams: int, chars: int, connections: int = 1) -> dict:
@@ -44,21 +42,6 @@ def load(target: str, streams: int, chars: int, connections: int = 1) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"load against {target} failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def cpu_seconds(pid: int) -> dict[int, tuple[float, bool]] | None:
-    """Per process of the server's tree: (CPU seconds, user + system, from /proc; whether it is an
-    engine process). None where there is no /proc."""
-    if not os.path.isdir("/proc"):
-        return None
-    seconds = {}
-    for p in process_tree(pid):
-        try:
-            fields = proc_stat(p)
-        except OSError:
-            continue  # gone meanwhile
-        seconds[p] = ((int(fields[11]) + int(fields[12])) / TICK, is_engine_process(p))
-    return seconds
 
 
 def measure(server: ServerProcess, streams: int, chars: int, connections: int) -> dict:
@@ -179,9 +162,8 @@ def main() -> int:
             for streams, _ in loads:
                 errors = sum(r["error_count"] for r in results[(name, streams)])
                 print(f"{name:>20} {streams:>3} stream{'s' if streams > 1 else ' '} "
-                      f"{median(name, streams, 'chars_per_s'):>9.0f} {median(name, streams, 'ttfc_p50_ms'):>7.2f}ms "
-                      f"{median(name, streams, 'gap_p50_ms'):>6.3f}ms {median(name, streams, 'gap_p99_ms'):>6.3f}ms  "
-                      f"{_us(median(name, streams, 'server_us')):>19} {_us(median(name, streams, 'engine_us')):>7} "
+                      + load_columns(lambda key: median(name, streams, key))  # noqa: B023 - called at once
+                      + f"{_us(median(name, streams, 'server_us')):>19} {_us(median(name, streams, 'engine_us')):>7} "
                       f"{_us(median(name, streams, 'client_us')):>7}  "
                       f"{errors}")
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import grpc
 
 from harness import ServerProcess, build_model, process_tree  # harness puts the repository root on sys.path
-from serve.pb.charrnn.v1 import charrnn_pb2 as pb  # noqa: E402
-from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc  # noqa: E402
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb  # noqa: E402
+from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc  # noqa: E402
 
 def rss_bytes(pid: int) -> int:
     """Resident memory of the server process and its engine process together."""

@@ -4,7 +4,9 @@
 #
 #   docker build -f docker/serve-gpu.Dockerfile -t charrnn-serve:gpu .
 #   docker run --gpus all -v charrnn_artifacts:/artifacts:ro -p 50051:50051 charrnn-serve:gpu
-FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
+# The base is a build argument like the CPU images'; the default is the image users get.
+ARG BASE_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
+FROM ${BASE_IMAGE}
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -31,6 +33,8 @@ COPY requirements/serve-gpu.txt requirements/
 RUN pip install --no-cache-dir -r requirements/serve-gpu.txt
 
 COPY serve/ serve/
+# The project version lives in CHANGELOG.md: serve/ops/version.py reads it for GetModelInfo.
+COPY CHANGELOG.md ./
 
 USER 10001:10001
 ENV CHARRNN_MODEL=/artifacts/model.onnx \

@@ -3,7 +3,10 @@
 #
 #   docker build -f docker/serve.Dockerfile -t charrnn-serve .
 #   docker run -v charrnn_artifacts:/artifacts:ro -p 50051:50051 charrnn-serve
-FROM python:3.11.13-slim-bookworm
+# The base is a build argument so CI can build on a local stand-in of the same Debian release
+# when no registry is reachable (tests/containers/images.py); the default is the image users get.
+ARG BASE_IMAGE=python:3.11.13-slim-bookworm
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -21,6 +24,8 @@ COPY requirements/serve.txt requirements/
 RUN pip install --no-cache-dir -r requirements/serve.txt
 
 COPY serve/ serve/
+# The project version lives in CHANGELOG.md: serve/ops/version.py reads it for GetModelInfo.
+COPY CHANGELOG.md ./
 
 USER 10001:10001
 ENV CHARRNN_MODEL=/artifacts/model.onnx \

@@ -8,7 +8,10 @@
 # instead of several GB). Empty means PyPI's own torch wheel, which is the CUDA build and brings its
 # CUDA libraries as pip packages, so the GPU variant needs no CUDA base image: the NVIDIA container
 # toolkit supplies the driver. Both install the torch version pinned in requirements/train.txt.
-FROM python:3.11.13-slim-bookworm
+# The base is a build argument so CI can build on a local stand-in of the same Debian release
+# when no registry is reachable (tests/containers/images.py); the default is the image users get.
+ARG BASE_IMAGE=python:3.11.13-slim-bookworm
+FROM ${BASE_IMAGE}
 
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 

@@ -1,24 +1,25 @@
 """Export a trained run folder to ONNX and prove the file before reporting success.
 
     python -m export runs/demo          # reads runs/demo/checkpoint.pt, writes runs/demo/model.onnx
+    python -m export runs/demo --triton-repo models   # and models/charrnn/{config.pbtxt,1/model.onnx}
 
 Exit status: 0 when the file conforms to the contract and matches PyTorch within 1e-4 (relative to the
-outputs' size where they exceed 1); 1 when a check
-fails, NaN or infinite weights or outputs included (nothing is left at the output path); 2 when the
-checkpoint is missing or unreadable.
+outputs' size where they exceed 1); 1 when a check fails, NaN or infinite weights or outputs included
+(nothing is left at the output path); 2 when the checkpoint is missing or unreadable, or the Triton
+repository cannot be written.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from export.check import TOLERANCE, verify
+from export.files import write_atomically
 from export.to_onnx import provenance_of, rebuild, to_onnx
+from export.triton_repo import TritonModel, check_name, write_repository
 from train.checkpoint import CheckpointError, load
 
 
@@ -27,11 +28,27 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, help="folder holding checkpoint.pt (as written by python -m train)")
     p.add_argument("--out", type=Path, help="output file (default: RUN_DIR/model.onnx)")
+    p.add_argument("--triton-repo", type=Path, metavar="REPO",
+                   help="also write a Triton model repository: REPO/NAME/config.pbtxt (onnxruntime, sequence "
+                        "batching with implicit state) and REPO/NAME/1/model.onnx")
+    p.add_argument("--triton-name", type=_model_name, default="charrnn", metavar="NAME",
+                   help="the model's name in the Triton repository (default: charrnn)")
     return p
 
 
-def export(run_dir: Path, out: Path | None = None) -> int:
+def _model_name(text: str) -> str:
+    try:
+        return check_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def export(run_dir: Path, out: Path | None = None, triton_repo: Path | None = None,
+           triton_name: str = "charrnn") -> int:
     out = out or run_dir / "model.onnx"
+    if triton_repo is not None and triton_repo.exists() and not triton_repo.is_dir():
+        print(f"export: error: --triton-repo {triton_repo} is not a directory", file=sys.stderr)
+        return 2
     try:
         ckpt = load(run_dir)
         model = rebuild(ckpt)
@@ -51,20 +68,24 @@ def export(run_dir: Path, out: Path | None = None) -> int:
         print(f"export: FAILED, {out} not written", file=sys.stderr)
         return 1
     data = proto.SerializeToString()  # one self-contained file: no external data beside it
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; the serving container reads it as another user
-    os.replace(tmp, out)
+    write_atomically(out, data)
     print(f"wrote {out} ({len(data) / 1024:.0f} KiB); all checks within {TOLERANCE:g} x max(1, |output|)")
+    if triton_repo is not None:
+        meta = {p.key: p.value for p in proto.metadata_props}
+        try:
+            config, copy = write_repository(triton_repo, TritonModel.of(meta, triton_name), data)
+        except OSError as exc:
+            print(f"export: error: cannot write the Triton repository {triton_repo}: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {config} and {copy} (Triton: sequence batching, implicit state "
+              f"[{cfg.num_layers}, {cfg.state_size}])")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    return export(args.run_dir, args.out)
+    return export(args.run_dir, args.out, args.triton_repo, args.triton_name)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 
-from serve.server import run
-from serve.settings import parse
-from serve.workers import run_workers
+from serve.ops.server import run
+from serve.ops.settings import parse
+from serve.ops.workers import run_workers
 
 
 def main() -> int:

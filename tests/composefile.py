@@ -19,8 +19,10 @@ from support import ROOT
 COMPOSE = ROOT / "docker-compose.yml"
 GPU_OVERRIDE = ROOT / "docker-compose.gpu.yml"
 
-# The seconds-long settings docs/deployment.md shows for a smoke run, and the compose test runs with.
-SMOKE_ENV = {"CHARRNN_CORPUS": "hihell", "CHARRNN_CELL": "rnn", "CHARRNN_LAYERS": "1", "CHARRNN_HIDDEN": "8",
+# The seconds-long settings docs/deployment.md shows for a smoke run, and the compose tests run with.
+# The embedded corpus, not `hihell`: two seconds of the seed lesson (lr 0.1) on a fast CPU drive its
+# logits so large that export's 1e-4 check against PyTorch fails (seen in a container: 1.9e-4).
+SMOKE_ENV = {"CHARRNN_CORPUS": "default", "CHARRNN_CELL": "rnn", "CHARRNN_LAYERS": "1", "CHARRNN_HIDDEN": "8",
              "CHARRNN_TIME_BUDGET": "2"}
 
 _VAR = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[^}]*)\}|(?P<named>[A-Za-z_][A-Za-z0-9_]*))")

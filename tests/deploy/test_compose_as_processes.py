@@ -121,7 +121,7 @@ def test_compose_up_as_local_processes(tmp_path):
                                 cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=60)
         assert client.returncode == 0, client.stderr
         info = json.loads(client.stdout)
-        assert (info["cell"], info["hidden_size"], info["corpus"]) == ("rnn", 8, "hihell")
+        assert (info["cell"], info["hidden_size"]) == ("rnn", 8) and info["corpus"].startswith("default"), info
         generate = subprocess.run([sys.executable, "-m", "serve.client", "generate", "--target",
                                    f"127.0.0.1:{port}", "--prompt", "hi", "--max-chars", "4", "--seed", "1"],
                                   cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=60)

@@ -13,6 +13,8 @@ from support import ROOT
 BIN = Path(sys.executable).parent
 DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
 SERVING = [p for p in DOCKERFILES if p.name.startswith("serve")]
+# CI's stand-ins for base images it cannot pull (tests/containers/images.py); never what a user builds.
+STANDINS = sorted((ROOT / "docker/standin").glob("*.Dockerfile"))
 # Packages that must never reach a serving image: the training framework and the export tooling.
 TRAINING_ONLY = {"torch", "torchvision", "torchaudio", "onnx", "nvidia-cudnn-cu12"}
 
@@ -64,7 +66,7 @@ def test_there_are_the_images_compose_builds():
     assert (ROOT / ".dockerignore").is_file()
 
 
-@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", DOCKERFILES + STANDINS, ids=lambda p: p.name)
 def test_hadolint_at_warning_level(path):
     proc = subprocess.run([str(BIN / "hadolint"), "--failure-threshold", "warning", str(path)],
                           capture_output=True, text=True, timeout=60)
@@ -75,7 +77,10 @@ def test_hadolint_at_warning_level(path):
 def test_pinned_base_non_root_and_dependencies_before_code(path):
     steps = instructions(path)
     bases = [args for word, args in steps if word == "FROM"]
-    assert len(bases) == 1 and re.fullmatch(r"[\w./-]+:\d+\.\d+\.\d+[\w.-]*", bases[0]), bases
+    assert bases == ["${BASE_IMAGE}"], "the base is a build argument (CI builds on local stand-ins)"
+    assert steps[0][0] == "ARG", "ARG BASE_IMAGE comes before FROM"
+    default = steps[0][1].removeprefix("BASE_IMAGE=")
+    assert re.fullmatch(r"[\w./-]+:\d+\.\d+\.\d+[\w.-]*", default), steps[0]
     users = [args for word, args in steps if word == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), users
     words = [word for word, _ in steps]
@@ -96,10 +101,22 @@ def test_serving_images_install_no_torch_and_copy_only_serve(path):
     assert names & {"onnxruntime", "onnxruntime-gpu"}
     copied = [args.split()[:-1] for word, args in instructions(path) if word == "COPY"]
     sources = {src.rstrip("/") for srcs in copied for src in srcs}
-    assert sources <= {"serve", "protos", "requirements/serve.txt", "requirements/serve-gpu.txt"}, sources
+    allowed = {"serve", "protos", "requirements/serve.txt", "requirements/serve-gpu.txt", "CHANGELOG.md"}
+    assert sources <= allowed, sources
+    assert "CHANGELOG.md" in sources, "serve/ops/version.py reads the project version from CHANGELOG.md"
     steps = instructions(path)
     checks = [args for word, args in steps if word == "HEALTHCHECK"]
     assert len(checks) == 1 and '"serve.healthcheck"' in checks[0]
+
+
+def test_the_cpu_images_share_a_debian_base_the_stand_ins_can_replace():
+    """images.py builds a stand-in of the release the base's tag names, and gives both images the same."""
+    defaults = {p.name: instructions(p)[0][1] for p in DOCKERFILES}
+    assert defaults["serve.Dockerfile"] == defaults["train.Dockerfile"]
+    assert re.fullmatch(r"BASE_IMAGE=python:\d+\.\d+\.\d+-slim-(bullseye|bookworm|trixie)", defaults["serve.Dockerfile"])
+    assert {p.name for p in STANDINS} == {"python.Dockerfile", "nginx.Dockerfile"}
+    for path in STANDINS:
+        assert [args for word, args in instructions(path) if word == "FROM"] == ["${BASE}"]
 
 
 def test_the_serve_requirement_files_differ_only_in_onnxruntime():

@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from support import ROOT
 
-from serve.healthcheck import check, main
+from serve.tools.healthcheck import check, main
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -92,7 +92,7 @@ def test_nothing_listening_fails_fast():
 
 
 def test_default_target_follows_charrnn_port(monkeypatch):
-    from serve.healthcheck import default_target
+    from serve.tools.healthcheck import default_target
 
     monkeypatch.setenv("CHARRNN_PORT", "6123")
     assert default_target() == "127.0.0.1:6123"

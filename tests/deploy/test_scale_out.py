@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from chains import CHAINS, KILL_AT, STEPS, ChainClient
 from support import ROOT
 
 NGINX = Path("/usr/sbin/nginx")
@@ -27,10 +28,6 @@ pytestmark = [
     pytest.mark.skipif(not NGINX.exists(), reason="nginx is not installed (apt-get install nginx)"),
     pytest.mark.skipif(not (ROOT / "serve/__main__.py").exists(), reason="needs the serve stage"),
 ]
-
-CHAINS = ["h", "i", "e", "l", "o", "hi"]  # first text of each chain; then each step feeds back `next`
-STEPS = 16
-KILL_AT = STEPS // 2
 
 
 def free_port() -> int:
@@ -82,52 +79,12 @@ def start_server(model: Path, log: Path) -> tuple[subprocess.Popen, int]:
 
 
 def wait_serving(target: str, limit: float = 30) -> None:
-    from serve.healthcheck import check
+    from serve.tools.healthcheck import check
 
     deadline = time.monotonic() + limit
     while not check(target, timeout=2)[0]:
         assert time.monotonic() < deadline, f"{target} never SERVING"
         time.sleep(0.2)
-
-
-class ChainClient:
-    """Step chains through one channel; retries UNAVAILABLE (counted), any other error fails the test."""
-
-    def __init__(self, target: str) -> None:
-        from serve.pb.charrnn.v1 import charrnn_pb2, charrnn_pb2_grpc
-
-        self.pb = charrnn_pb2
-        self.channel = grpc.insecure_channel(target)
-        self.stub = charrnn_pb2_grpc.CharRNNStub(self.channel)
-        self.retries = 0
-
-    def step(self, state: bytes, text: str):
-        for attempt in range(20):
-            try:
-                return self.stub.Step(self.pb.StepRequest(state=state, text=text), timeout=10)
-            except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                self.retries += 1
-                time.sleep(0.05 * (attempt + 1))
-        raise AssertionError("Step still UNAVAILABLE after 20 tries")
-
-    def run(self, on_step=None) -> list[str]:
-        """All chains side by side, one step of each per round; on_step(round) runs before each round."""
-        states = [b""] * len(CHAINS)
-        texts = list(CHAINS)
-        feed = list(CHAINS)
-        for k in range(STEPS):
-            if on_step:
-                on_step(k)
-            for i in range(len(CHAINS)):
-                reply = self.step(states[i], feed[i])
-                states[i], feed[i] = reply.state, reply.next
-                texts[i] += reply.next
-        return texts
-
-    def close(self) -> None:
-        self.channel.close()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from serve.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -248,7 +248,7 @@ def test_lstm_model_info_and_step(lstm_server):
 
 def test_health_reports_serving(hihell_server):
     stub = health_pb2_grpc.HealthStub(hihell_server.channel)
-    for service in ("", "charrnn.v1.CharRNN"):
+    for service in ("", "charrnn.v1.CharRNN", "inference.GRPCInferenceService"):
         response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert response.status == health_pb2.HealthCheckResponse.SERVING
 
@@ -258,7 +258,7 @@ def test_reflection_lists_the_service(hihell_server):
     request = reflection_pb2.ServerReflectionRequest(list_services="")
     response = next(iter(stub.ServerReflectionInfo(iter([request]), timeout=10)))
     names = {s.name for s in response.list_services_response.service}
-    assert "charrnn.v1.CharRNN" in names and "grpc.health.v1.Health" in names
+    assert {"charrnn.v1.CharRNN", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
     request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="charrnn.v1.CharRNN")
     response = next(iter(stub.ServerReflectionInfo(iter([request]), timeout=10)))
     assert response.file_descriptor_response.file_descriptor_proto

@@ -8,8 +8,8 @@ import grpc
 import numpy as np
 import pytest
 
-from serve.pb.charrnn.v1 import charrnn_pb2 as pb
-from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 
 PROMPTS = ["it was", "the ", "", "it was the age of ", "w"]
 

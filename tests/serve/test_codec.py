@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serve.codec import StateCodec
+from serve.service.state_codec import StateCodec
 from serve.errors import InvalidArgument
 
 SHA = "ab" * 32

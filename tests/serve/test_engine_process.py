@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 from live import LiveServer, serve_model
 
-from serve import wire
-from serve.pb.charrnn.v1 import charrnn_pb2 as pb
-from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from serve.errors import EngineFailure
+from serve.process import records
+from serve.process.proxy import CHILD
 
 
 @pytest.fixture(scope="module")
@@ -79,29 +81,34 @@ def test_a_dead_engine_process_fails_what_was_in_flight_and_is_replaced(text_mod
 
 
 def _settings(model: Path):
-    from serve.settings import Settings
+    from serve.ops.settings import Settings
 
     return dataclasses.replace(Settings(model=str(model), device="cpu"), max_chars=10_000)
 
 
-def test_chars_records_round_trip_and_survive_any_split():
-    records = [
-        wire.pack_chars([3, 9], np.array([1, 64]), np.array([-0.5, -7.25]), [0, 1], [0.001], [2], 2, 0),
-        wire.frame(wire.DONE, b"x" * 70_000),  # bigger than one pipe read may return
-        wire.pack_chars([], np.empty(0), np.empty(0), [], [], [], 0, 4),
+def test_records_round_trip_and_survive_any_split():
+    logits = np.arange(70_000, dtype=np.float32).reshape(700, 100)  # bigger than one pipe read may return
+    sent = [
+        records.Chars([3, 9], [1, 64], np.array([-0.5, -7.25]), [0, 1], [0.001], [2], 2, 0),
+        records.Done(7, logits, np.ones((2, 4), dtype=np.float32)),
+        records.Chars([], [], np.empty(0), [], [], [], 0, 4),
+        records.Failed([1], [2], records.Failure.of(EngineFailure("model execution failed"))),
+        records.Stop("the server is shutting down"),
     ]
-    data = b"".join(records)
+    data = b"".join(map(records.encode, sent))
     rng = np.random.default_rng(0)
     for _ in range(50):
         cuts = sorted(rng.integers(0, len(data), 5).tolist())
-        reader = wire.Reader()
+        reader = records.Reader()
         got = []
         for a, b in zip([0, *cuts], [*cuts, len(data)]):
             got += reader.feed(data[a:b])
-        assert [kind for kind, _ in got] == [wire.CHARS, wire.DONE, wire.CHARS]
-        assert got[1][1] == b"x" * 70_000
-        assert wire.unpack_chars(got[0][1]) == ([3, 9], [1, 64], [-0.5, -7.25], [0, 1], [0.001], [2], 2, 0)
-        assert wire.unpack_chars(got[2][1]) == ([], [], [], [], [], [], 0, 4)
+        assert [type(r) for r in got] == [type(r) for r in sent]
+        assert got[0] == records.Chars([3, 9], [1, 64], [-0.5, -7.25], [0, 1], [0.001], [2], 2, 0)
+        assert got[1].job == 7 and np.array_equal(got[1].logits, logits) and got[1].state.shape == (2, 4)
+        assert got[2] == records.Chars([], [], [], [], [], [], 0, 4)
+        assert got[3][:2] == ([1], [2]) and isinstance(got[3].error.exception(), EngineFailure)
+        assert got[4] == sent[4]
 
 
 def test_the_engine_process_waits_for_a_slow_reader_and_resumes(text_model):
@@ -172,7 +179,7 @@ def _engine_children() -> list[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat[1]) == os.getpid() and b"serve.engine_process" in cmdline and stat[0] != "Z":
+        if int(stat[1]) == os.getpid() and CHILD[-1].encode() in cmdline and stat[0] != "Z":
             found.append(int(entry))
     return found
 
@@ -181,7 +188,7 @@ def test_a_server_that_cannot_bind_stops_its_engine_process(text_model):
     import asyncio
     import socket
 
-    from serve.server import create_server
+    from serve.ops.server import create_server
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -218,8 +225,8 @@ def test_a_small_window_still_resumes_a_reader_that_caught_up(text_model):
     """The engine learns of the reader's progress when the reader waits, whatever the window."""
     import asyncio
 
-    from serve.batcher import SamplingParams
-    from serve.engine_process import ProcessEngine
+    from serve.engine.protocol import SamplingParams
+    from serve.process.proxy import ProcessEngine
 
     async def run() -> int:
         engine = ProcessEngine(str(text_model), "cpu", window=40)
@@ -236,3 +243,45 @@ def test_a_small_window_still_resumes_a_reader_that_caught_up(text_model):
             engine.stop()
 
     assert asyncio.run(asyncio.wait_for(run(), timeout=60)) == 300
+
+
+def test_a_predict_whose_caller_left_is_dropped_before_its_call(text_model):
+    """The engine process is stopped while a Step waits in its pipe; the Step's deadline passes; once the
+    engine runs again it drops that Step instead of computing it (no answer comes back for it)."""
+    live = LiveServer(dataclasses.replace(_settings(text_model), engine_hang_seconds=0))
+    try:
+        engine = live.server.engine
+        live.stub.Step(pb.StepRequest(text="it was"), timeout=30)  # warm: the next answer is prompt
+        os.kill(engine.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(grpc.RpcError) as caught:
+                live.stub.Step(pb.StepRequest(text="it was"), timeout=0.5)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            time.sleep(0.3)  # the server has ended the call and told the engine process
+        finally:
+            os.kill(engine.proc.pid, signal.SIGCONT)
+        assert live.stub.Step(pb.StepRequest(text="it was"), timeout=30).next  # read after the one dropped
+        assert engine.stats["unclaimed_results"] == 0, "the engine computed a Step whose caller had gone"
+    finally:
+        live.close()
+
+
+def test_step_brings_back_only_the_last_row_of_logits(text_model):
+    """Step uses the last character's prediction only: the engine process sends that row, not T of them."""
+    import asyncio
+
+    from serve.process.proxy import ProcessEngine
+
+    async def run() -> tuple:
+        engine = ProcessEngine(str(text_model), "cpu")
+        engine.start(asyncio.get_running_loop())
+        try:
+            ids = np.arange(300, dtype=np.int64) % len(engine.vocab)
+            return await engine.predict(ids, None), await engine.predict(ids, None, last_only=True)
+        finally:
+            engine.stop()
+
+    (logits, state), (last, last_state) = asyncio.run(asyncio.wait_for(run(), timeout=60))
+    assert logits.shape[0] == 300 and last.shape == (1, logits.shape[1])
+    np.testing.assert_array_equal(last[0], logits[-1])
+    np.testing.assert_array_equal(last_state, state)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from live import serve_model
 
-from serve.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 
 ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 VOCAB = "hielo"

@@ -16,7 +16,7 @@ from live import LiveServer, serve_model
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 
 LIMITS = dict(max_streams=1, max_chars=100_000, max_prompt_chars=50, max_message_bytes=4096, metrics_port=0)
 

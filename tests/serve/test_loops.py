@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from serve.errors import ConfigError
-from serve.loops import loop_factory
+from serve.ops.loops import loop_factory
 
 
 def test_auto_prefers_uvloop_where_installed():

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from serve.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 from support import ROOT
 
 NODE_DIR = ROOT / "clients" / "node"

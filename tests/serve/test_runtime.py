@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from serve.errors import DeviceError, ModelError
-from serve.runtime import Runtime
+from serve.engine.runtime import Runtime
 
 VOCAB = ["a", "b", "c"]
 META = {"vocab": json.dumps(VOCAB), "cell": "gru", "num_layers": "2", "hidden_size": "4", "state_size": "4",

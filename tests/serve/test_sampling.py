@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from serve import sampling
+from serve.engine import sampling
 
 finite = st.floats(min_value=-30, max_value=30, allow_nan=False, width=32)
 

@@ -25,9 +25,9 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from live import serve_model
 
-from serve.pb.charrnn.v1 import charrnn_pb2 as pb
-from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
-from serve.settings import Settings, parse
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from serve.ops.settings import Settings, parse
 from support import ROOT, run_stage
 
 TOKEN = "s3cret-token-for-tests"

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serve.errors import InvalidArgument
-from serve.runtime import ModelSpec
-from serve.service import CharRNNService
+from serve.engine.runtime import ModelSpec
+from serve.service.charrnn import CharRNNService
 
 VOCAB = ("h", "i", "e", "l", "o", " ")
 

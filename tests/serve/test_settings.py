@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from serve.settings import parse
+from serve.ops.settings import parse
 from support import ROOT
 
 

@@ -15,8 +15,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serve.pb.charrnn.v1 import charrnn_pb2 as pb
-from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 from support import ROOT
 
 READY = re.compile(r" on (127\.0\.0\.1:\d+) ")

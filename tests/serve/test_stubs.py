@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from serve.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[2]
-GENERATED = ("charrnn_pb2.py", "charrnn_pb2.pyi", "charrnn_pb2_grpc.py")
+GENERATED = tuple(f"{folder}/{stem}{suffix}" for folder, stem in (("charrnn/v1", "charrnn"),
+                                                                  ("inference", "grpc_service"))
+                  for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
@@ -20,13 +22,15 @@ def test_stubs_regenerate_identically(tmp_path):
     subprocess.run(["make", "-s", "protos", f"BIN={Path(sys.executable).parent}", f"PROTO_OUT={tmp_path}"],
                    cwd=ROOT, check=True, capture_output=True)
     for name in GENERATED:
-        fresh = tmp_path / "serve/pb/charrnn/v1" / name
-        assert fresh.read_text() == (ROOT / "serve/pb/charrnn/v1" / name).read_text(), f"{name} is stale: make protos"
+        fresh = tmp_path / "serve/api/pb" / name
+        assert fresh.read_text() == (ROOT / "serve/api/pb" / name).read_text(), f"{name} is stale: make protos"
 
 
 def test_generated_imports_are_package_qualified():
-    text = (ROOT / "serve/pb/charrnn/v1/charrnn_pb2_grpc.py").read_text()
-    assert "from serve.pb.charrnn.v1 import charrnn_pb2" in text
+    text = (ROOT / "serve/api/pb/charrnn/v1/charrnn_pb2_grpc.py").read_text()
+    assert "from serve.api.pb.charrnn.v1 import charrnn_pb2" in text
+    text = (ROOT / "serve/api/pb/inference/grpc_service_pb2_grpc.py").read_text()
+    assert "from serve.api.pb.inference import grpc_service_pb2" in text
 
 
 def _fields(message) -> dict[str, int]:

@@ -9,8 +9,8 @@ import sys
 
 import grpc
 
-from serve.pb.charrnn.v1 import charrnn_pb2 as pb
-from serve.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 from support import ROOT
 
 READY = re.compile(r"^charrnn serving .+ on (127\.0\.0\.1:\d+) \(CPUExecutionProvider, 2 worker processes\)$")
@@ -38,7 +38,7 @@ def test_two_workers_share_one_port_and_stop_together(hihell_model, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    served = set(re.findall(r"(worker\d) serve\.errors: Predict", log.read_text()))
+    served = set(re.findall(r"(worker\d) serve\.api\.interceptors: Predict", log.read_text()))
     assert served == {"worker0", "worker1"}, log.read_text()
 
 

@@ -1,0 +1,117 @@
+"""The KServe v2 servicer (inference.GRPCInferenceService): converts protobuf messages to calls of the
+transport-free InferenceService (serve/service/inference.py) and back, nothing more.
+
+Auth, admission, errors, metrics and the log line are the interceptors' (serve/api/interceptors.py), as
+for CharRNN. ModelStreamInfer is the exception that proves it: one request's error there is that
+response's error_message (the status mapping's message) and the stream goes on, as Triton does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from serve.api.admission import Gate
+from serve.api.pb.inference import grpc_service_pb2 as pb
+from serve.api.pb.inference import grpc_service_pb2_grpc as pb_grpc
+from serve.api.status import status_of
+from serve.api.tensors import inputs_of, response_of, sequence_of
+from serve.service.inference import (IDS, LOGITS, PLATFORM, STATE_IN, STATE_OUT, InferenceService, InferRequest,
+                                     TritonConfig)
+from serve.service.inference import VERSION as MODEL_VERSION
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "charrnn"
+# The protocol's extensions this server implements: Triton's names (its ServerMetadata lists them so).
+EXTENSIONS = ("model_configuration", "sequence", "sequence(string_id)")
+
+
+def model_config(config: TritonConfig) -> pb.ModelConfig:
+    """Triton's ModelConfig message for the configuration export's config.pbtxt holds."""
+    state = [config.num_layers, config.state_size]
+    fp32 = pb.DataType.TYPE_FP32
+    batching = pb.ModelSequenceBatching(
+        max_sequence_idle_microseconds=config.max_sequence_idle_microseconds,
+        oldest=pb.ModelSequenceBatching.StrategyOldest(
+            max_candidate_sequences=config.max_candidate_sequences,
+            max_queue_delay_microseconds=config.max_queue_delay_microseconds),
+        state=[pb.ModelSequenceBatching.State(
+            input_name=STATE_IN, output_name=STATE_OUT, data_type=fp32, dims=state,
+            initial_state=[pb.ModelSequenceBatching.InitialState(name="zero", data_type=fp32, dims=state,
+                                                                 zero_data=True)])])
+    return pb.ModelConfig(
+        name=config.name, platform=PLATFORM, max_batch_size=config.max_batch_size,
+        input=[pb.ModelInput(name=IDS, data_type=pb.DataType.TYPE_INT64, dims=[-1])],
+        output=[pb.ModelOutput(name=LOGITS, data_type=fp32, dims=[-1, config.vocab_size]),
+                pb.ModelOutput(name=STATE_OUT, data_type=fp32, dims=state)],
+        sequence_batching=batching)
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, service: InferenceService, version: str, gate: Gate) -> None:
+        """version: the project's (ServerMetadata); gate: while it drains, the probes say not ready."""
+        self.service = service
+        self.version = version
+        self._gate = gate
+
+    def _ready(self) -> bool:
+        return self.service.ready and not self._gate.draining
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._ready())
+
+    async def ModelReady(self, request: pb.ModelReadyRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        self.service.check_model(request.name, request.version)
+        return pb.ModelReadyResponse(ready=self._ready())
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        meta = self.service.metadata(request.name, request.version)
+        return pb.ModelMetadataResponse(
+            name=meta.name, versions=meta.versions, platform=meta.platform,
+            inputs=[pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape)
+                    for t in meta.inputs],
+            outputs=[pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape)
+                     for t in meta.outputs])
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        return pb.ModelConfigResponse(config=model_config(self.service.config(request.name, request.version)))
+
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        self.service.check_model(request.model_name, request.model_version)  # before the tensors' errors
+        outputs = await self.service.infer(InferRequest(
+            request.model_name, request.model_version, inputs_of(request),
+            tuple(dict.fromkeys(o.name for o in request.outputs)), sequence_of(request.parameters)))
+        return response_of(request, self.service.model_name, MODEL_VERSION, outputs)
+
+    async def ModelInfer(self, request: pb.ModelInferRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        return await self._infer(request)
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """One response per request, in order; a failed request's is its error_message."""
+        async for request in request_iterator:
+            try:
+                response = await self._infer(request)
+            except Exception as error:  # noqa: BLE001 - the stream goes on, as Triton's does
+                code, message = status_of(error)
+                if code is grpc.StatusCode.INTERNAL:
+                    log.error("ModelStreamInfer request failed", exc_info=error)
+                yield pb.ModelStreamInferResponse(error_message=message,
+                                                  infer_response=pb.ModelInferResponse(id=request.id))
+                continue
+            yield pb.ModelStreamInferResponse(infer_response=response)

@@ -1,0 +1,27 @@
+"""The one place that maps domain errors (serve/errors.py) to gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+from serve.errors import (EngineFailure, InvalidArgument, ModelError, NotFound, ResourceExhausted, ServeError,
+                          Unauthenticated, Unavailable)
+
+_STATUS: dict[type[ServeError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    EngineFailure: grpc.StatusCode.UNAVAILABLE,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    ModelError: grpc.StatusCode.FAILED_PRECONDITION,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+}
+
+
+def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and client-facing message for an exception raised by a handler; anything that is
+    not a domain error is INTERNAL with a message that gives nothing away."""
+    for kind, code in _STATUS.items():
+        if isinstance(error, kind):
+            return code, str(error)
+    return grpc.StatusCode.INTERNAL, "internal error"

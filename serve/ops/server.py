@@ -1,0 +1,282 @@
+"""Assembles the gRPC server: CharRNN service, health, reflection, TLS, metrics, and the engine's lifetime.
+
+    python -m serve --model runs/demo/model.onnx     # prints one ready line, then serves
+
+Health: the whole server ("") and the CharRNN service name report readiness, SERVING only while the
+engine takes work (NOT_SERVING while an engine process that died or hung is replaced). The name
+`liveness` stays SERVING while the server can still recover, for liveness probes; when the engine
+cannot be replaced (serve/process/proxy.py MAX_RESTARTS) everything turns NOT_SERVING and the process
+exits 1, so that compose or Kubernetes restarts it.
+
+Shutdown (SIGTERM or SIGINT): health turns NOT_SERVING and new calls get UNAVAILABLE at once; calls in
+flight run to completion within --grace seconds; a second signal, or the end of grace, cuts the rest
+with UNAVAILABLE and a message saying so. The process then exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from serve.api.admission import Gate
+from serve.api.inference import InferenceServicer
+from serve.api.interceptors import chain
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from serve.api.pb.inference import grpc_service_pb2 as inference_pb
+from serve.api.pb.inference import grpc_service_pb2_grpc as inference_grpc
+from serve.api.servicer import CharRNNServicer
+from serve.engine.protocol import Engine, EngineState
+from serve.engine.runtime import Runtime
+from serve.engine.thread import ThreadEngine
+from serve.errors import ConfigError, DeviceError, EngineFailure, EngineLost, ModelError
+from serve.ops.loops import loop_factory
+from serve.ops.metrics import Metrics
+from serve.ops.settings import Settings
+from serve.ops.version import project_version
+from serve.process.proxy import MAX_RESTARTS, ProcessEngine
+from serve.service.charrnn import CharRNNService
+from serve.service.inference import InferenceService
+from serve.service.sequences import Sequences
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CharRNN"].full_name  # "charrnn.v1.CharRNN"
+INFERENCE_SERVICE_NAME = inference_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+API_SERVICES = (SERVICE_NAME, INFERENCE_SERVICE_NAME)
+READINESS = ("", *API_SERVICES)  # health names that say whether calls can be served now
+LIVENESS = "liveness"  # the health name that says whether the server can still recover
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Server:
+    """A bound grpc.aio server plus the engine (process or thread) and metrics endpoint whose lifetime it
+    shares."""
+
+    def __init__(self, grpc_server: grpc.aio.Server, engine: Engine, health_servicer: health.aio.HealthServicer,
+                 gate: Gate, metrics: Metrics, address: str, provider: str, metrics_port: int | None) -> None:
+        self.grpc = grpc_server
+        self.engine = engine
+        self.health = health_servicer
+        self.gate = gate
+        self.metrics = metrics
+        self.address = address
+        self.provider = provider
+        self.metrics_port = metrics_port  # None = metrics off
+        self.lost: asyncio.Event | None = None  # set when the engine could not be brought back
+        self._health_lock: asyncio.Lock | None = None
+
+    async def start(self) -> None:
+        self.lost, self._health_lock = asyncio.Event(), asyncio.Lock()
+        self.engine.watch(self._engine_changed)
+        self.engine.start(asyncio.get_running_loop())
+        await self.grpc.start()
+        await self._set_health((*READINESS, LIVENESS), SERVING)
+
+    def _engine_changed(self, state: EngineState) -> None:
+        names = (*READINESS, LIVENESS) if state is EngineState.FAILED else READINESS
+        asyncio.ensure_future(self._set_health(names, SERVING if state is EngineState.SERVING else NOT_SERVING))
+        if state is EngineState.FAILED:
+            assert self.lost is not None
+            self.lost.set()
+
+    async def _set_health(self, names: tuple[str, ...], status: int) -> None:
+        assert self._health_lock is not None
+        async with self._health_lock:  # updates land in the order the engine reported them
+            for name in names:
+                await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        """Stops at once: calls in flight get `grace` seconds, then gRPC cancels them."""
+        await self.health.enter_graceful_shutdown()
+        self.gate.draining = True
+        await self.grpc.stop(grace)
+        self.engine.stop()
+        self.metrics.close()
+
+    async def drain(self, grace: float, cut: asyncio.Event) -> bool:
+        """The SIGTERM path: health NOT_SERVING and new calls UNAVAILABLE at once; calls in flight run
+        to completion for up to `grace` seconds, or until `cut` is set (a second SIGTERM); what is
+        left then ends with UNAVAILABLE and a message. True when every call finished by itself."""
+        await self.health.enter_graceful_shutdown()
+        self.gate.draining = True
+        log.info("draining: %d calls in flight, %.0f s grace", len(self.gate.calls), grace)
+        idle = asyncio.ensure_future(self.gate.wait_idle())
+        cutting = asyncio.ensure_future(cut.wait())
+        await asyncio.wait((idle, cutting), timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        finished = idle.done()
+        if not finished:
+            why = "a second SIGTERM" if cut.is_set() else f"the {grace:g} s grace period ended"
+            reason = f"the server is shutting down: {why} before this call finished"
+            log.warning("cutting %d calls still in flight: %s", len(self.gate.calls), why)
+            self.gate.abort_reason = reason
+            # Work inside the engine (every Generate, Predict/Step waiting on a step) fails with the reason.
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.stop, reason)
+            try:
+                await asyncio.wait_for(asyncio.shield(idle), timeout=1.0)
+            except asyncio.TimeoutError:  # calls waiting for the client's next message
+                self.gate.abort_all(reason)
+                try:
+                    await asyncio.wait_for(asyncio.shield(idle), timeout=2.0)
+                except asyncio.TimeoutError:
+                    log.error("%d calls did not end after being cut; gRPC cancels them", len(self.gate.calls))
+        cutting.cancel()
+        idle.cancel()
+        await self.stop(grace=1.0)
+        return finished
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc.wait_for_termination()
+
+
+def _read(flag: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{flag} {path}: cannot read: {error.strerror or error}") from None
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """Server TLS credentials from the settings, checked now (a bad file fails at start-up)."""
+    if not (settings.tls_cert or settings.tls_key):
+        if settings.tls_client_ca:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (settings.tls_cert and settings.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    cert, key = _read("--tls-cert", settings.tls_cert), _read("--tls-key", settings.tls_key)
+    try:  # grpc would only complain at the first handshake
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(settings.tls_cert, settings.tls_key)
+    except ssl.SSLError as error:
+        raise ConfigError(f"--tls-cert {settings.tls_cert} / --tls-key {settings.tls_key}: not a PEM certificate "
+                          f"and its matching key ({error.reason or error})") from None
+    ca = None
+    if settings.tls_client_ca:
+        ca = _read("--tls-client-ca", settings.tls_client_ca)
+        try:
+            ssl.create_default_context(cadata=ca.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError) as error:
+            raise ConfigError(f"--tls-client-ca {settings.tls_client_ca}: not a PEM CA bundle ({error})") from None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server, int]:
+    """Loads and checks the model, binds the port (and the metrics port); call `await server.start()`.
+
+    reuse_port: bind with SO_REUSEPORT, for `--workers` processes sharing one port (serve/ops/workers.py).
+
+    Raises ModelError / DeviceError when the model or the device cannot be used, ConfigError for a
+    bad TLS file.
+    """
+    credentials = _credentials(settings)
+    metrics = Metrics()
+    engine: Engine
+    if settings.engine == "process":  # the engine process loads and checks the model; nothing here does
+        engine = ProcessEngine(settings.model, settings.device, settings.threads, settings.max_batch,
+                               settings.max_delay_us, metrics=metrics, hang_seconds=settings.engine_hang_seconds)
+    else:
+        engine = ThreadEngine(Runtime(settings.model, settings.device, settings.threads), settings.max_batch,
+                              settings.max_delay_us, metrics=metrics)
+    provider = engine.provider
+    try:  # an engine process is running from here on: it must not outlive a failed start
+        service = CharRNNService(engine, provider, settings.max_chars, settings.state_key.encode(),
+                                 settings.max_prompt_chars)
+        gate = Gate(settings.max_streams, metrics)
+        server = grpc.aio.server(interceptors=chain(gate, metrics, settings.auth_token),
+                                 options=[("grpc.so_reuseport", int(reuse_port)),
+                                          ("grpc.max_receive_message_length", settings.max_message_bytes)])
+        pb_grpc.add_CharRNNServicer_to_server(CharRNNServicer(service), server)
+        sequences = Sequences(np.zeros(engine.spec.state_shape, dtype=np.float32), settings.max_sequences,
+                              settings.sequence_idle_seconds)
+        inference = InferenceService(engine, settings.model_name, settings.max_batch, settings.max_prompt_chars,
+                                     sequences, settings.max_delay_us)
+        inference_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(inference, project_version(), gate), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection((*API_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        host = settings.address_host
+        address = f"{host}:{settings.port}"
+        try:
+            port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        except RuntimeError:  # what grpcio raises for a port in use; older releases returned 0
+            port = 0
+        if port == 0:
+            raise OSError(f"cannot bind {host}:{settings.port} (in use, or not an address of this host)")
+        metrics_port = metrics.serve(settings.host, settings.metrics_port) if settings.metrics_port >= 0 else None
+    except BaseException:
+        engine.stop("the server did not start")
+        raise
+    return Server(server, engine, health_servicer, gate, metrics, f"{host}:{port}", provider,
+                  metrics_port), port
+
+
+def print_ready(settings: Settings, address: str, provider: str) -> None:
+    print(f"charrnn serving {settings.model} on {address} ({provider})", flush=True)
+
+
+async def serve(settings: Settings, reuse_port: bool = False,
+                ready: Callable[[Settings, str, str], None] = print_ready) -> None:
+    """Runs until SIGINT/SIGTERM, then drains (see Server.drain); announces readiness (by default the
+    ready line, then the metrics line when metrics are on) once it accepts calls."""
+    server, _ = create_server(settings, reuse_port)
+    await server.start()
+    ready(settings, server.address, server.provider)
+    if server.metrics_port is not None:
+        line = f"charrnn metrics on http://{settings.address_host}:{server.metrics_port}/metrics"
+        if ready is print_ready:
+            print(line, flush=True)
+        else:  # a --workers child: stdout belongs to the parent's one ready line
+            log.info("%s", line)
+    stop, cut = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        (cut if stop.is_set() else stop).set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    assert server.lost is not None
+    lost = asyncio.ensure_future(server.lost.wait())
+    tasks = [asyncio.ensure_future(server.wait_for_termination()), asyncio.ensure_future(stop.wait()), lost]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    if lost.done():
+        await server.stop(grace=1.0)  # the engine failed what it had; nothing else can be served
+    else:
+        log.info("shutting down")
+        await server.drain(settings.grace, cut)
+    for task in tasks:  # after stopping: grpc's shutdown must not see its termination wait cancelled
+        task.cancel()
+    if lost.done():
+        raise EngineLost(f"the engine process could not be restarted ({MAX_RESTARTS} attempts in a row); exiting "
+                         "so that the supervisor restarts the server")
+
+
+def run(settings: Settings, reuse_port: bool = False,
+        ready: Callable[[Settings, str, str], None] = print_ready) -> int:
+    """Serves until stopped; the process exit status: 0, or 2 when the model or device cannot be used."""
+    try:
+        factory, name = loop_factory(settings.event_loop)
+        log.debug("event loop: %s", name)
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(serve(settings, reuse_port, ready))
+    except (ModelError, ConfigError) as error:  # its message starts with the file's path or the flag
+        print(f"charrnn serve: {error}", file=sys.stderr, flush=True)
+        return 2
+    except EngineLost as error:  # after serving for a while
+        print(f"charrnn serve: {error}", file=sys.stderr, flush=True)
+        return 1
+    except (DeviceError, EngineFailure, OSError) as error:
+        print(f"charrnn serve: cannot serve {settings.model}: {error}", file=sys.stderr, flush=True)
+        return 2
+    return 0

@@ -1,0 +1,221 @@
+"""The engine process (`python -m serve.process.child`, started by serve/process/proxy.py): the
+Scheduler of serve/engine/, its inbox the server's records on stdin, its sink records on stdout.
+
+The server's records are read between steps, by the one thread that steps: a reader thread would take
+turns with it on the GIL, and made 64 streams arriving together wait 3 times longer for their first
+character. It ignores SIGINT/SIGTERM (the server decides when the engine stops) and stops when its
+stdin closes, so it never outlives the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from serve.engine.protocol import Finish
+from serve.engine.runtime import Runtime
+from serve.engine.scheduler import JobOutcome, Scheduler, Work
+from serve.engine.stream import Job, Stop, Stream
+from serve.errors import DeviceError, ModelError
+from serve.process import records
+from serve.process.pipe import readable
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += int(amount)
+
+
+class _Series:
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def observe(self, amount: float) -> None:
+        self.values.append(amount)
+
+
+class Tally:
+    """The scheduler's StepMetrics in this process: what the server's metrics should count, shipped
+    with the next Chars record."""
+
+    def __init__(self) -> None:
+        self.characters = _Counter()
+        self.cancelled_streams = _Counter()
+        self.step_seconds = _Series()
+        self.batch_size = _Series()
+
+    def pending(self) -> bool:
+        return bool(self.characters.value or self.cancelled_streams.value or self.step_seconds.values)
+
+    def take(self) -> tuple[list[float], list[int], int, int]:
+        """(step seconds, batch sizes, characters, cancelled streams) since the last take."""
+        taken = (self.step_seconds.values, [int(n) for n in self.batch_size.values], self.characters.value,
+                 self.cancelled_streams.value)
+        self.step_seconds.values, self.batch_size.values = [], []
+        self.characters.value = self.cancelled_streams.value = 0
+        return taken
+
+
+class InFlight:
+    """The streams and jobs the server may still name, by key: the inbox adds them, the sink forgets
+    those it has answered for good."""
+
+    def __init__(self) -> None:
+        self.streams: dict[int, Stream] = {}
+        self.jobs: dict[int, Job] = {}
+
+
+class PipeInbox:
+    """The server's records from `fd`, turned into work; progress, cancellations and dropped jobs are
+    applied to what they name as they arrive."""
+
+    def __init__(self, fd: int, vocab: Sequence[str], live: InFlight, reader: records.Reader) -> None:
+        self._fd = fd
+        self._vocab = vocab
+        self._reader = reader
+        self._live = live
+
+    def get(self, timeout: float | None) -> list[Work] | None:
+        if not readable(self._fd, timeout):
+            return None
+        try:
+            data = os.read(self._fd, 1 << 20)
+        except OSError:
+            data = b""
+        if not data:  # the server is gone
+            return [Stop("the server process exited")]
+        items: list[Work] = []
+        streams, jobs = self._live.streams, self._live.jobs
+        for record in self._reader.feed(data):
+            if type(record) is records.Consumed:
+                stream = streams.get(record.stream)
+                if stream is not None:
+                    stream.consumed = record.consumed
+            elif type(record) is records.Generate:
+                stream = Stream(record.prompt, record.params, record.max_chars, record.stops, self._vocab,
+                                key=record.stream)
+                streams[record.stream] = stream
+                items.append(stream)
+            elif type(record) is records.Cancel:
+                cancelled = streams.pop(record.stream, None)
+                if cancelled is not None:
+                    cancelled.cancelled = True
+            elif type(record) is records.Predict:
+                job = jobs[record.job] = Job(record.ids, record.state, key=record.job, last_only=record.last_only)
+                items.append(job)
+            elif type(record) is records.Drop:
+                dropped = jobs.pop(record.job, None)
+                if dropped is not None:  # not computed yet: the scheduler leaves it out of its call
+                    dropped.dropped = True
+            elif type(record) is records.Stop:
+                items.append(Stop(record.reason))
+        return items
+
+    def leftovers(self) -> list[Work]:
+        return []  # nothing waits behind a Stop: the server sends nothing after it
+
+
+class PipeSink:
+    """The scheduler's output as records on `fd`."""
+
+    def __init__(self, fd: int, tally: Tally, live: InFlight) -> None:
+        self._fd = fd
+        self._tally = tally
+        self._streams, self._jobs = live.streams, live.jobs
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError:  # the server is gone; the next read of stdin (EOF) stops the engine
+            pass
+
+    def chars(self, rows: list[Stream], tokens: list[int], logprobs: np.ndarray, finishes: list[Finish]) -> None:
+        if any(finishes):
+            for s in rows:
+                if s.done:
+                    self._streams.pop(s.key, None)
+        self.write(records.encode(records.Chars([s.key for s in rows], tokens, logprobs, list(finishes),
+                                                *self._tally.take())))
+
+    def results(self, outcomes: list[JobOutcome]) -> None:
+        for job, value, error in outcomes:
+            self._jobs.pop(job.key, None)
+            if error is None:
+                assert value is not None
+                self.write(records.encode(records.Done(job.key, *value)))
+            else:
+                self.write(records.encode(records.Failed([], [job.key], records.Failure.of(error))))
+
+    def failed(self, streams: list[Stream], error: BaseException) -> None:
+        if not streams:
+            return
+        for s in streams:
+            self._streams.pop(s.key, None)
+        self.write(records.encode(records.Failed([s.key for s in streams], [], records.Failure.of(error))))
+
+    def flush(self) -> None:
+        """Metric updates that no Chars record carried (a step where every stream was cancelled)."""
+        if self._tally.pending():
+            self.chars([], [], np.empty(0), [])
+
+
+def read_model(fd: int, reader: records.Reader) -> bytes | None:
+    """The Model record the server sends first; None if the server went away before sending it."""
+    while True:
+        data = os.read(fd, 1 << 20)
+        if not data:
+            return None
+        got = reader.feed(data)
+        if got:
+            assert type(got[0]) is records.Model and len(got) == 1, got
+            return got[0].data
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="charrnn's engine process; started by `python -m serve`, talks "
+                                            "records (serve/process/records.py) on stdin and stdout")
+    p.add_argument("--model", required=True, help="the model's path, for messages: its bytes come on stdin")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-batch", type=int, default=256)
+    p.add_argument("--max-delay-us", type=int, default=200)
+    p.add_argument("--window", type=int, default=1024)
+    args = p.parse_args(argv)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # the server decides when the engine stops
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s engine: %(name)s: %(message)s")
+    out = os.dup(1)
+    os.dup2(2, 1)  # stdout carries records only: anything printed goes to stderr
+    inp = sys.stdin.buffer.fileno()
+    reader = records.Reader()
+    data = read_model(inp, reader)
+    if data is None:
+        return 0
+    try:
+        runtime = Runtime(args.model, args.device, args.threads, data=data)
+    except (ModelError, DeviceError) as error:
+        os.write(out, records.encode(records.StartFailed(records.Failure.of(error))))
+        return 2
+    tally, live = Tally(), InFlight()
+    sink = PipeSink(out, tally, live)
+    scheduler = Scheduler(runtime, PipeInbox(inp, runtime.spec.vocab, live, reader), sink, tally,
+                          max_batch=args.max_batch, max_delay_us=args.max_delay_us, window=args.window)
+    sink.write(records.encode(records.Ready(runtime.provider, runtime.spec)))
+    scheduler.run()  # returns after Stop (or the server's exit), having failed what was left
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

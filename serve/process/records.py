@@ -1,0 +1,203 @@
+"""Every record between the server process and its engine process, and the one place they are encoded
+and decoded.
+
+On the pipe each record is `u32 length, one kind byte, payload`. `Chars`, one per onnxruntime step
+call carrying every row's character, is the hot path and is packed by hand; every other record is rare
+and pickled as a tuple of its fields (both ends are this package, started together, same Python).
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from serve.engine.protocol import SamplingParams
+from serve.engine.runtime import ModelSpec
+from serve.errors import DeviceError, EngineFailure, ModelError, ServeError, Unavailable
+
+
+# ---- server -> engine ----------------------------------------------------------------------------
+class Model(NamedTuple):
+    """The first record an engine process reads: the model file's bytes, as the server read them at
+    start (its payload is the bytes themselves, not pickled)."""
+
+    data: bytes
+
+
+class Generate(NamedTuple):
+    stream: int
+    prompt: np.ndarray
+    params: SamplingParams  # with the seed decided by the server, so that both ends agree on it
+    max_chars: int
+    stops: tuple[str, ...]
+
+
+class Consumed(NamedTuple):
+    """How far a stream's consumer has read (the engine parks streams a window ahead of it)."""
+
+    stream: int
+    consumed: int
+
+
+class Cancel(NamedTuple):
+    stream: int
+
+
+class Predict(NamedTuple):
+    """A Predict/Step job: feed ids from state (None = zero state); last_only: answer with the last
+    row of logits only (Step)."""
+
+    job: int
+    ids: np.ndarray
+    state: np.ndarray | None
+    last_only: bool
+
+
+class Drop(NamedTuple):
+    """The job's caller has gone: do not compute it, if it has not been computed yet."""
+
+    job: int
+
+
+class Stop(NamedTuple):
+    reason: str
+
+
+# ---- engine -> server ----------------------------------------------------------------------------
+class Ready(NamedTuple):
+    provider: str
+    spec: ModelSpec
+
+
+class Chars(NamedTuple):
+    """One step's characters (row i: stream streams[i] got tokens[i]) and the engine's metric updates.
+    Encoded from the step's arrays as they are; decoded into lists."""
+
+    streams: list[int]
+    tokens: list[int]
+    logprobs: list[float] | np.ndarray
+    finishes: list[int]
+    step_seconds: list[float]
+    batch_sizes: list[int]
+    characters: int
+    cancelled: int
+
+
+class Done(NamedTuple):
+    job: int
+    logits: np.ndarray
+    state: np.ndarray
+
+
+class Failure(NamedTuple):
+    """An exception as it crosses the pipe: its class name and constructor arguments."""
+
+    name: str
+    args: tuple[str, ...]
+
+    @classmethod
+    def of(cls, error: BaseException) -> Failure:
+        if isinstance(error, ModelError):
+            return cls(type(error).__name__, (str(error.path), error.problem))
+        return cls(type(error).__name__, (str(error),))
+
+    def exception(self) -> ServeError:
+        """The server-side exception; an unknown class becomes EngineFailure with the same words."""
+        kind = _ERRORS.get(self.name, EngineFailure)
+        try:
+            return kind(*self.args)
+        except TypeError:
+            return EngineFailure(": ".join(self.args))
+
+
+class Failed(NamedTuple):
+    streams: list[int]
+    jobs: list[int]
+    error: Failure
+
+
+class StartFailed(NamedTuple):
+    """The engine process could not load the model or the device; it exits after this."""
+
+    error: Failure
+
+
+Record = Model | Generate | Consumed | Cancel | Predict | Drop | Stop | Ready | Chars | Done | Failed | StartFailed
+
+_ERRORS: dict[str, type[ServeError]] = {cls.__name__: cls for cls in (EngineFailure, Unavailable, ModelError,
+                                                                       DeviceError)}
+_KIND: dict[type, bytes] = {
+    Model: b"M", Generate: b"G", Cancel: b"C", Consumed: b"K", Predict: b"J", Drop: b"X", Stop: b"S",  # to the engine
+    Ready: b"R", Chars: b"T", Done: b"D", Failed: b"F", StartFailed: b"E",                              # from it
+}
+_TYPE = {kind: cls for cls, kind in _KIND.items()}
+_CHARS, _MODEL = _KIND[Chars], _KIND[Model]
+_LENGTH = struct.Struct("<I")
+_CHARS_HEAD = struct.Struct("<IIII")  # rows, step calls, characters counted, streams cancelled
+
+
+def _frame(kind: bytes, payload: bytes) -> bytes:
+    return _LENGTH.pack(len(payload) + 1) + kind + payload
+
+
+def encode(record: Record) -> bytes:
+    if type(record) is Chars:
+        return _frame(_CHARS, _encode_chars(record))
+    if type(record) is Model:
+        return _frame(_MODEL, record.data)
+    return _frame(_KIND[type(record)], pickle.dumps(tuple(record), protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _encode_chars(r: Chars) -> bytes:
+    return b"".join((
+        _CHARS_HEAD.pack(len(r.streams), len(r.step_seconds), r.characters, r.cancelled),
+        np.asarray(r.streams, dtype=np.int64).tobytes(), np.asarray(r.tokens, dtype=np.int64).tobytes(),
+        np.asarray(r.logprobs, dtype=np.float64).tobytes(), np.asarray(r.finishes, dtype=np.int8).tobytes(),
+        np.asarray(r.step_seconds, dtype=np.float64).tobytes(), np.asarray(r.batch_sizes, dtype=np.int64).tobytes()))
+
+
+def _decode_chars(payload: bytes) -> Chars:
+    rows, calls, characters, cancelled = _CHARS_HEAD.unpack_from(payload)
+    at = _CHARS_HEAD.size
+
+    def take(dtype: Any, count: int) -> list[Any]:
+        nonlocal at
+        array = np.frombuffer(payload, dtype=dtype, count=count, offset=at)
+        at += array.nbytes
+        return array.tolist()
+
+    return Chars(take(np.int64, rows), take(np.int64, rows), take(np.float64, rows), take(np.int8, rows),
+                 take(np.float64, calls), take(np.int64, calls), characters, cancelled)
+
+
+def _decode(kind: bytes, payload: bytes) -> Record:
+    if kind == _CHARS:
+        return _decode_chars(payload)
+    if kind == _MODEL:
+        return Model(payload)
+    record: Record = _TYPE[kind](*pickle.loads(payload))
+    return record
+
+
+class Reader:
+    """Splits a byte stream into records; feed it whatever a read returned."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Record]:
+        buffer = self._buffer
+        buffer += data
+        records, at = [], 0
+        while len(buffer) - at >= 4:
+            (size,) = _LENGTH.unpack_from(buffer, at)
+            if len(buffer) - at - 4 < size:
+                break
+            body = bytes(buffer[at + 4:at + 4 + size])
+            records.append(_decode(body[:1], body[1:]))
+            at += 4 + size
+        del buffer[:at]
+        return records

@@ -1,0 +1,1 @@
+"""The transport-free service: request validation, text <-> token ids, Step state bytes; calls the engine."""

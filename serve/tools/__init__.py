@@ -1,0 +1,1 @@
+"""Tools that talk to a server or check a device: the reference client, the health probe, the GPU check."""

@@ -1,0 +1,254 @@
+"""`docker compose up` for real: the repository's images and compose file on a Docker engine.
+
+One compose project of the tests' own (a random `charrnn-test-*` name, so never the user's `charrnn`
+volume), ports published on 127.0.0.1 only (`CHARRNN_HOST_PORT=127.0.0.1:` lets the engine pick a
+free one), the seconds-long smoke settings of docs/deployment.md. The tests below run in file order
+on that one deployment: the default profile first, then the scale profile added to it (a replica
+killed, then a new model rolled out), then `docker compose down -v`; the fixture takes everything
+down whatever happened.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+
+import grpc
+import pytest
+from chains import CHAINS, KILL_AT, STEPS, ChainClient
+from composefile import SMOKE_ENV
+from containers.engine import Project
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import ROOT
+
+from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+
+# The first test also waits for the session's image builds (about 3 minutes on a cold cache here).
+pytestmark = [pytest.mark.containers, pytest.mark.timeout(900)]
+
+UID = "10001"  # the user the Dockerfiles create and run as
+LOOPBACK = "127.0.0.1:"  # a *_PORT setting of just an address: the engine picks a free port on it
+SETTINGS = {**SMOKE_ENV, "CHARRNN_TRAIN_DEVICE": "cpu", "CHARRNN_HOST_PORT": LOOPBACK,
+            "CHARRNN_METRICS_HOST_PORT": LOOPBACK, "CHARRNN_LB_PORT": LOOPBACK}
+
+
+def up(project: Project, *args: str, say: Callable[[str], None]) -> None:
+    """`docker compose up --detach --wait` (healthchecks included), timed."""
+    start = time.monotonic()
+    proc = project.compose("up", "--detach", "--wait", "--no-build", *args, timeout=420, check=False)
+    seconds = time.monotonic() - start
+    if proc.returncode != 0:
+        pytest.fail(f"docker compose up {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}\n"
+                    f"{project.logs()}", pytrace=False)
+    say(f"docker compose up {' '.join(args) or '(default profile)'}: healthy in {seconds:.1f} s")
+
+
+@pytest.fixture(scope="module")
+def deployment(docker, images, project_name, say):
+    project = Project(docker, project_name, {**SETTINGS, "CHARRNN_IMAGE_TAG": images.tag,
+                                             "CHARRNN_LB_IMAGE": images.lb})
+    try:
+        up(project, say=say)
+        yield project
+    finally:
+        start = time.monotonic()
+        project.down()
+        say(f"teardown (docker compose down -v) in {time.monotonic() - start:.1f} s")
+
+
+def client(*args: str, target: str) -> subprocess.CompletedProcess:
+    """The reference client from the checkout, as the docs run it."""
+    proc = subprocess.run([sys.executable, "-m", "serve.client", *args, "--target", target], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_up_ran_train_and_export_to_completion_and_serve_is_healthy(deployment, docker):
+    for one_shot in ("train", "export"):
+        [name] = deployment.containers(one_shot)
+        state = docker.inspect(name)["State"]
+        assert (state["Status"], state["ExitCode"]) == ("exited", 0), (one_shot, state)
+    [serve] = deployment.containers("serve")
+    assert docker.inspect(serve)["State"]["Health"]["Status"] == "healthy"
+
+
+def test_ports_are_published_on_loopback_only(deployment, docker):
+    [serve] = deployment.containers("serve")
+    bindings = docker.inspect(serve)["HostConfig"]["PortBindings"]
+    assert set(bindings) == {"50051/tcp", "9100/tcp"}
+    assert all(b["HostIp"] == "127.0.0.1" for port in bindings.values() for b in port), bindings
+
+
+def test_reference_client_through_the_published_port(deployment):
+    target = deployment.address("serve", 50051)
+    assert target.startswith("127.0.0.1:")
+    info = json.loads(client("info", target=target).stdout)
+    assert (info["cell"], info["hidden_size"], info["num_layers"]) == ("rnn", 8, 1)
+    assert info["corpus"].startswith("default")
+    text = client("generate", "--prompt", "The ", "--max-chars", "40", "--seed", "1", target=target).stdout
+    assert len(text.rstrip("\n")) == 40, text
+
+
+def test_raw_grpc_stub_and_the_model_file_in_the_volume(deployment):
+    target = deployment.address("serve", 50051)
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        stub = pb_grpc.CharRNNStub(channel)
+        chunks = list(stub.Generate(pb.GenerateRequest(prompt="def ", max_chars=25, seed=7), timeout=30))
+        assert len("".join(c.text for c in chunks)) == 25
+        reply = stub.Step(pb.StepRequest(text="class"), timeout=10)
+        assert reply.state and len(reply.next) == 1
+        again = stub.Step(pb.StepRequest(state=reply.state, text=reply.next), timeout=10)
+        assert again.state != reply.state
+        sha = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).model_sha256
+    in_volume = deployment.exec("serve", "python", "-c",
+                                   "import hashlib; print(hashlib.sha256(open('/artifacts/model.onnx', 'rb')"
+                                   ".read()).hexdigest())").stdout.strip()
+    assert sha == in_volume, "the server serves the file export wrote to the volume"
+
+
+def test_metrics_are_scraped_from_the_published_port(deployment):
+    target = deployment.address("serve", 9100)
+    assert target.startswith("127.0.0.1:")
+    client("info", target=deployment.address("serve", 50051))
+    with urllib.request.urlopen(f"http://{target}/metrics", timeout=10) as response:
+        body = response.read().decode()
+    # The calls the tests above made, counted by rpc and status code.
+    assert re.search(r'^charrnn_calls_total\{code="OK",rpc="GetModelInfo"\} [1-9]', body, re.M), body[:2000]
+    assert re.search(r"^charrnn_characters_generated_total [1-9]", body, re.M)
+
+
+def test_containers_run_as_the_non_root_user_and_serve_mounts_the_volume_read_only(deployment, docker):
+    assert deployment.exec("serve", "id", "-u").stdout.strip() == UID
+    for one_shot in ("train", "export"):
+        [name] = deployment.containers(one_shot)
+        assert docker.inspect(name)["Config"]["User"] == f"{UID}:{UID}", one_shot
+    owner = deployment.exec("serve", "stat", "-c", "%u", "/artifacts/model.onnx").stdout
+    assert owner.strip() == UID, "export wrote the model as the non-root user"
+    [serve] = deployment.containers("serve")
+    artifacts = [m for m in docker.inspect(serve)["Mounts"] if m["Destination"] == "/artifacts"]
+    assert [(m["Type"], m["RW"]) for m in artifacts] == [("volume", False)]
+    assert artifacts[0]["Name"] == f"{deployment.name}_artifacts", "the tests' own volume, not the user's"
+    touch = deployment.exec("serve", "touch", "/artifacts/x", check=False)
+    assert touch.returncode != 0 and "Read-only file system" in touch.stderr
+
+
+def test_the_images_run_under_the_kubernetes_security_context(deployment, docker, images):
+    """deploy/kubernetes runs every pod with a read-only root file system, no capabilities, no privilege
+    escalation and an emptyDir at /tmp: the same here, for train and export, then for serve."""
+    restricted = ["--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+                  "--user", f"{UID}:{UID}"]
+    name = f"{deployment.name}-restricted"
+    try:
+        # A fresh named volume takes the image's /artifacts (owned by the user), as fsGroup makes a PVC.
+        docker.run("run", "--rm", *restricted, "--volume", f"{name}:/artifacts", f"charrnn-train:{images.tag}",
+                   "sh", "-c", "python -m train --out /artifacts --corpus default --cell rnn --layers 1 --hidden 8 "
+                   "--time-budget 1 && python -m export /artifacts", timeout=180)
+        docker.run("run", "--detach", "--name", name, *restricted, "--volume", f"{name}:/artifacts:ro",
+                   f"charrnn-serve:{images.tag}")
+        deadline = time.monotonic() + 90
+        while docker.run("exec", name, "python", "-m", "serve.healthcheck", check=False).returncode != 0:
+            state = docker.inspect(name)["State"]
+            assert state["Running"] and time.monotonic() < deadline, (state, docker.run("logs", name).stderr)
+            time.sleep(1)
+    finally:
+        docker.run("rm", "--force", name, check=False)
+        docker.run("volume", "rm", "--force", name, check=False)
+
+
+def steps_logged(docker, container: str) -> int:
+    """Step calls a server logged (one line per RPC)."""
+    logs = docker.run("logs", container).stderr
+    return len(re.findall(r"\bStep peer=\S+ OK\b", logs))
+
+
+@pytest.fixture(scope="module")
+def scaled(deployment, say) -> Project:
+    """The scale profile added to the running deployment, without training again: a second train and
+    export would give the replicas another model than the one `serve` already holds."""
+    deployment.env["COMPOSE_PROFILES"] = "scale"
+    up(deployment, "--no-deps", "serve-replica", "lb", say=say)
+    return deployment
+
+
+def test_scale_profile_keeps_step_chains_whole_while_a_replica_is_killed(scaled, docker, say):
+    deployment = scaled
+    lb = deployment.address("lb", 50051)
+    assert lb.startswith("127.0.0.1:")
+    servers = [*deployment.containers("serve"), *deployment.containers("serve-replica")]
+    assert len(servers) == 3, servers
+    start = time.monotonic()
+    direct, balanced = ChainClient(deployment.address("serve", 50051)), ChainClient(lb)
+    try:
+        reference = direct.run()
+        assert balanced.run() == reference, "every replica answers as `serve` does: one model"
+        assert balanced.retries == 0
+        logged = {name: steps_logged(docker, name) for name in servers}
+        for name in servers[1:]:  # the replicas are reached only through the balancer
+            assert logged[name] > 0, (logged, deployment.logs("lb"))
+        victim = deployment.containers("serve-replica")[0]
+        [victim_ip] = [n["IPAddress"] for n in docker.inspect(victim)["NetworkSettings"]["Networks"].values()]
+
+        def kill_a_replica(k: int) -> None:
+            if k == KILL_AT:
+                docker.run("kill", victim)  # SIGKILL: no drain, as when a container dies
+
+        survived = balanced.run(on_step=kill_a_replica)
+    finally:
+        direct.close()
+        balanced.close()
+    say(f"scale profile: {2 * len(CHAINS) * STEPS} Step calls through nginx and {len(CHAINS) * STEPS} direct, "
+        f"a replica killed, in {time.monotonic() - start:.1f} s ({balanced.retries} retried)")
+    assert survived == reference
+    assert all(len(text) == len(first) + STEPS for text, first in zip(survived, CHAINS))
+    killed = docker.inspect(victim)["State"]
+    assert killed["ExitCode"] == 137 or not killed["Running"], killed
+    # nginx did meet the dead replica (and moved its calls on): its error log names the address.
+    [lb_container] = deployment.containers("lb")
+    errors = [line for line in docker.run("logs", lb_container).stderr.splitlines() if f"{victim_ip}:50051" in line]
+    assert errors, deployment.logs("lb")
+    say(f"nginx on the killed replica: {errors[0].split('] ', 1)[-1][:160]}")
+
+
+def model_shas(target: str, calls: int = 12) -> set[str]:
+    """The model SHA-256s that answer GetModelInfo through one address (a balancer: several servers)."""
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.CharRNNStub(channel)
+        return {stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=20).model_sha256 for _ in range(calls)}
+
+
+def test_a_new_model_rolls_out_as_the_docs_say(scaled, say):
+    """docs/deployment.md: train and export again, then restart the servers; every server answers with
+    the new model. (Restarting is what today's server needs; a server that reloads its file needs none.)"""
+    deployment = scaled
+    lb = deployment.address("lb", 50051)
+    [before] = model_shas(lb)
+    start = time.monotonic()
+    proc = deployment.compose("up", "--no-build", "train", "export", timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr + deployment.logs("train", "export")
+    assert model_shas(lb) == {before}, "the running servers keep the model they loaded"
+    deployment.compose("restart", "serve", "serve-replica", timeout=300)
+    up(deployment, "--no-deps", "serve", "serve-replica", say=say)  # waits for the healthchecks
+    deadline = time.monotonic() + 60
+    while before in (shas := model_shas(lb)) and time.monotonic() < deadline:
+        time.sleep(1)  # nginx skips a restarted server for fail_timeout after it refused a call
+    [after] = shas
+    assert after != before
+    say(f"new model rolled out (train, export, restart) in {time.monotonic() - start:.1f} s")
+
+
+def test_down_v_leaves_nothing(deployment, docker, say):
+    assert deployment.leftovers()["volumes"] == [f"{deployment.name}_artifacts"]
+    start = time.monotonic()
+    proc = deployment.down()
+    assert proc.returncode == 0, proc.stderr
+    say(f"docker compose down -v in {time.monotonic() - start:.1f} s")
+    assert deployment.leftovers() == {"containers": [], "volumes": [], "networks": []}
