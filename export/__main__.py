@@ -3,8 +3,9 @@
     python -m export runs/demo          # reads runs/demo/checkpoint.pt, writes runs/demo/model.onnx
     python -m export runs/demo --triton-repo models   # and models/charrnn/{config.pbtxt,1/model.onnx}
 
-Exit status: 0 when the file conforms to the contract and matches PyTorch within 1e-4; 1 when the exporter
-or a check fails (nothing is left at the output path); 2 when the checkpoint is missing or unreadable, or
+Exit status: 0 when the file conforms to the contract and matches PyTorch within 1e-4 (relative to the
+outputs' size where they exceed 1); 1 when the exporter or a check fails, NaN or infinite weights or
+outputs included (nothing is left at the output path); 2 when the checkpoint is missing or unreadable, or
 the Triton repository cannot be written.
 """
 
@@ -72,7 +73,7 @@ def export(run_dir: Path, out: Path | None = None, triton_repo: Path | None = No
         return 1
     data = proto.SerializeToString()  # one self-contained file: no external data beside it
     write_atomically(out, data)
-    print(f"wrote {out} ({len(data) / 1024:.0f} KiB); all checks within {TOLERANCE:g}")
+    print(f"wrote {out} ({len(data) / 1024:.0f} KiB); all checks within {TOLERANCE:g} x max(1, |output|)")
     if triton_repo is not None:
         meta = {p.key: p.value for p in proto.metadata_props}
         try:

@@ -79,11 +79,18 @@ def _to_onnx(model: CharRNN, vocab: list[str], provenance: dict[str, str]) -> on
 
 
 def provenance_of(summary: dict) -> dict[str, str]:
-    val = summary.get("best_val_loss")
+    """val_loss is the carried-state protocol; val_loss_windowed the 256-char windows (empty for checkpoints
+    of format version 1, which predate it, and for runs without a validation split)."""
+
+    def nats(key: str) -> str:
+        value = summary.get(key)
+        return "" if value is None else f"{value:.6f}"
+
     return {
         "corpus": str(summary.get("corpus", "")),
         "steps": str(summary.get("steps", "")),
         "chars_seen": str(summary.get("chars_seen", "")),
-        "val_loss": "" if val is None else f"{val:.6f}",
+        "val_loss": nats("best_val_loss"),
+        "val_loss_windowed": nats("best_val_loss_windowed"),
         "train_seconds": str(summary.get("seconds", "")),
     }
