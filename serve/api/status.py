@@ -1,4 +1,4 @@
-"""The one place that maps domain errors (serve/errors.py) to gRPC status codes."""
+"""The one place that maps domain errors (serve/errors.py), and calls gRPC ended, to gRPC status codes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from serve.errors import (
     NotFound,
     ResourceExhausted,
     ServeError,
+    StateFromAnotherModel,
     Unauthenticated,
     Unavailable,
 )
@@ -23,6 +24,7 @@ _STATUS: dict[type[ServeError], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     ModelError: grpc.StatusCode.FAILED_PRECONDITION,
     NotFound: grpc.StatusCode.NOT_FOUND,
+    StateFromAnotherModel: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -33,3 +35,13 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
         if isinstance(error, kind):
             return code, str(error)
     return grpc.StatusCode.INTERNAL, "internal error"
+
+
+def ended_under(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
+    """How gRPC ended a call under its handler: DEADLINE_EXCEEDED once its deadline has passed (gRPC then
+    cancels the handler, or ends a Predict's request stream), CANCELLED when the client cancelled, None
+    while the call is live."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED if context.cancelled() else None

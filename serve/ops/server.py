@@ -180,9 +180,10 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
     reuse_port: bind with SO_REUSEPORT, for `--workers` processes sharing one port (serve/ops/workers.py).
 
     Raises ModelError / DeviceError when the model or the device cannot be used, ConfigError for a
-    bad TLS file.
+    bad TLS file or a missing CHANGELOG.md (the project version).
     """
     credentials = _credentials(settings)
+    version = project_version()  # before the engine starts: an image without CHANGELOG.md fails here
     metrics = Metrics()
     engine: Engine
     if settings.engine == "process":  # the engine process loads and checks the model; nothing here does
@@ -194,7 +195,7 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
     provider = engine.provider
     try:  # an engine process is running from here on: it must not outlive a failed start
         service = CharRNNService(engine, provider, settings.max_chars, settings.state_key.encode(),
-                                 settings.max_prompt_chars)
+                                 settings.max_prompt_chars, version=version)
         gate = Gate(settings.max_streams, metrics)
         server = grpc.aio.server(interceptors=chain(gate, metrics, settings.auth_token),
                                  options=[("grpc.so_reuseport", int(reuse_port)),
@@ -225,12 +226,23 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
                   metrics_port), port
 
 
+StopRequests = Callable[[asyncio.AbstractEventLoop, Callable[[], None]], None]
+"""Arranges for `request()` to run on each request to stop: the first drains, the next cuts."""
+
+
+def on_signals(loop: asyncio.AbstractEventLoop, request: Callable[[], None]) -> None:
+    """A server on its own stops on SIGINT and SIGTERM (a `--workers` child asks its parent instead)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, request)
+
+
 def print_ready(settings: Settings, address: str, provider: str) -> None:
     print(f"charrnn serving {settings.model} on {address} ({provider})", flush=True)
 
 
 async def serve(settings: Settings, reuse_port: bool = False,
-                ready: Callable[[Settings, str, str], None] = print_ready) -> None:
+                ready: Callable[[Settings, str, str], None] = print_ready,
+                stop_requests: StopRequests = on_signals) -> None:
     """Runs until SIGINT/SIGTERM, then drains (see Server.drain); announces readiness (by default the
     ready line, then the metrics line when metrics are on) once it accepts calls."""
     server, _ = create_server(settings, reuse_port)
@@ -244,12 +256,10 @@ async def serve(settings: Settings, reuse_port: bool = False,
             log.info("%s", line)
     stop, cut = asyncio.Event(), asyncio.Event()
 
-    def on_signal() -> None:
+    def on_request() -> None:
         (cut if stop.is_set() else stop).set()
 
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
+    stop_requests(asyncio.get_running_loop(), on_request)
     assert server.lost is not None
     lost = asyncio.ensure_future(server.lost.wait())
     tasks = [asyncio.ensure_future(server.wait_for_termination()), asyncio.ensure_future(stop.wait()), lost]
@@ -267,13 +277,13 @@ async def serve(settings: Settings, reuse_port: bool = False,
 
 
 def run(settings: Settings, reuse_port: bool = False,
-        ready: Callable[[Settings, str, str], None] = print_ready) -> int:
+        ready: Callable[[Settings, str, str], None] = print_ready, stop_requests: StopRequests = on_signals) -> int:
     """Serves until stopped; the process exit status: 0, or 2 when the model or device cannot be used."""
     try:
         factory, name = loop_factory(settings.event_loop)
         log.debug("event loop: %s", name)
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(serve(settings, reuse_port, ready))
+            runner.run(serve(settings, reuse_port, ready, stop_requests))
     except (ModelError, ConfigError) as error:  # its message starts with the file's path or the flag
         print(f"charrnn serve: {error}", file=sys.stderr, flush=True)
         return 2
