@@ -12,6 +12,7 @@ import datetime as dt
 import io
 import json
 import warnings
+from typing import Any
 
 import onnx
 import torch
@@ -26,7 +27,7 @@ class ExportError(Exception):
     """The exporter could not turn a model that rebuilt fine into an ONNX file."""
 
 
-def rebuild(ckpt: dict) -> CharRNN:
+def rebuild(ckpt: dict[str, Any]) -> CharRNN:
     model = CharRNN(ModelConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model_state"])
     return model.eval()
@@ -78,7 +79,7 @@ def _to_onnx(model: CharRNN, vocab: list[str], provenance: dict[str, str]) -> on
     return proto
 
 
-def provenance_of(summary: dict) -> dict[str, str]:
+def provenance_of(summary: dict[str, Any]) -> dict[str, str]:
     """val_loss is the carried-state protocol; val_loss_windowed the 256-char windows (empty for checkpoints
     of format version 1, which predate it, and for runs without a validation split)."""
 

@@ -150,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
     print(report(summary, args.out / FILENAME))
-    return summary["exit_code"]
+    return int(summary["exit_code"])
 
 
-def report(summary: dict, path: Path) -> str:
+def report(summary: dict[str, Any], path: Path) -> str:
     """The closing line: what was trained and both validation figures of the kept weights."""
     if summary["nothing_to_do"]:
         head = f"nothing to do: the run already finished at step {summary['steps']}"

@@ -49,7 +49,7 @@ def save(path: Path, payload: dict[str, Any]) -> None:
         os.close(dir_fd)
 
 
-def load(path: Path, name: str = FILENAME) -> dict:
+def load(path: Path, name: str = FILENAME) -> dict[str, Any]:
     """Read path (a file, or a run folder's `name`) and check it is a charrnn checkpoint we can read."""
     path = Path(path)
     if path.is_dir():

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,7 @@ class Evaluation(NamedTuple):
     def windowed_bpc(self) -> float:
         return self.windowed / LN2
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         return {"val_loss": self.carried, "val_bpc": self.carried_bpc, "val_loss_windowed": self.windowed,
                 "val_bpc_windowed": self.windowed_bpc, "windowed_se": self.windowed_se,
                 "windows": self.windows, "tilings": self.tilings, "window": self.window,

@@ -10,7 +10,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -102,8 +102,8 @@ class Position:
     wall_seconds: float = 0.0  # of the sessions before this one
     best_val: float = math.inf
     best_step: int = 0
-    best: dict | None = None  # the best validation's record (both protocols)
-    last_val: dict | None = None
+    best: dict[str, Any] | None = None  # the best validation's record (both protocols)
+    last_val: dict[str, Any] | None = None
     last_val_step: int = -1
     loss_smooth: float = math.nan
     last_train_loss: float = math.nan
@@ -151,7 +151,7 @@ def _lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
 
 
 def _open_folder(out: Path, run: RunOptions, sha256: str, corpus: Corpus, model_cfg: ModelConfig,
-                 cfg: TrainConfig) -> dict | None:
+                 cfg: TrainConfig) -> dict[str, Any] | None:
     """Apply --overwrite / --resume to the run folder; the last.pt to continue from, or None to start."""
     files = rundir.held(out)
     if run.overwrite:
@@ -210,11 +210,11 @@ class _Run:
         self.interrupted: str | None = None
 
     # --- files -------------------------------------------------------------------------------------
-    def emit(self, record: dict) -> None:
+    def emit(self, record: dict[str, Any]) -> None:
         with self.metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def _payload(self) -> dict:
+    def _payload(self) -> dict[str, Any]:
         return {
             "model_state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "model_config": self.model_cfg.to_dict(),
@@ -235,7 +235,7 @@ class _Run:
                        "optimizer": self.optimizer.state_dict(), "rng": rundir.rng_states()},
         })
 
-    def restore(self, saved: dict) -> None:
+    def restore(self, saved: dict[str, Any]) -> None:
         self.model.load_state_dict(saved["model_state"])
         resume = saved["resume"]
         self.optimizer.load_state_dict(resume["optimizer"])
@@ -250,7 +250,7 @@ class _Run:
     def draw(self) -> None:
         plot.draw([self.out], self.out / rundir.PLOT)
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         pos, best = self.pos, self.pos.best
         has_val = self.val_ids is not None
         return {
@@ -283,6 +283,7 @@ class _Run:
 
     def validate(self, bar: progress.Progress) -> None:
         pos, cfg = self.pos, self.cfg
+        assert self.val_ids is not None  # called only when there is a validation split
         ev = evaluate(self.model, self.val_ids, cfg.val_streams, max(cfg.seq_len, 256), self.device, cfg.seed,
                       cfg.window_se)
         pos.eval_seconds += ev.seconds
@@ -349,7 +350,7 @@ class _Run:
                        "loss_smooth": pos.loss_smooth, "lr": lr, "chars": pos.chars,
                        "elapsed": round(pos.train_seconds, 3)})
 
-    def loop(self) -> dict:
+    def loop(self) -> dict[str, Any]:
         pos, run = self.pos, self.run
         with StopRequests() as stops, progress.make(run.progress, run.log_every) as bar:
             if self.saved is None:
@@ -384,19 +385,19 @@ class _Run:
         self.draw()
         return result
 
-    def result(self, exit_code: int) -> dict:
+    def result(self, exit_code: int) -> dict[str, Any]:
         return {**self.summary(), "interrupted": self.interrupted, "exit_code": exit_code,
                 "resumed_from": None if self.saved is None else self.saved["resume"]["position"]["step"]}
 
 
 def _record_step(line: str) -> float:
     try:
-        return json.loads(line).get("step", 0)
+        return float(json.loads(line).get("step", 0))
     except json.JSONDecodeError:
         return math.inf  # a line cut short by a kill
 
 
-def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions = RunOptions()) -> dict:
+def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions = RunOptions()) -> dict[str, Any]:
     """Train into cfg.out (or continue there, with run.resume) and return the training summary.
 
     The summary's exit_code is 0, or 128 + the signal's number when SIGINT or SIGTERM stopped the run;

@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -25,7 +26,7 @@ class PlotError(Exception):
     """A run folder has nothing to plot."""
 
 
-def read_metrics(run: Path) -> list[dict]:
+def read_metrics(run: Path) -> list[dict[str, Any]]:
     path = Path(run) / METRICS
     if not path.is_file():
         raise PlotError(f"{path}: no metrics (is {run} a run folder written by python -m train?)")

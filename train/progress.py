@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TextIO
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -46,7 +46,7 @@ class Tick(NamedTuple):
         return f"train {self.loss:.4f} | val {val} | {self.chars_per_s / 1000:.1f}k chars/s"
 
 
-def _columns(stream) -> int:
+def _columns(stream: TextIO) -> int:
     try:
         return os.get_terminal_size(stream.fileno()).columns
     except (AttributeError, OSError, ValueError):
@@ -69,16 +69,16 @@ class Bar:
 
     FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {unit} | {desc} [{elapsed}<{remaining}]"
 
-    def __init__(self, stream=None) -> None:
+    def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
-        self.bar: tqdm | None = None
+        self.bar: tqdm[Any] | None = None
         self.redirect = logging_redirect_tqdm()
 
     def __enter__(self) -> Bar:
         self.redirect.__enter__()  # log lines go above the bar instead of through it
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:
             self.bar.close()
         self.redirect.__exit__(*exc)

@@ -7,6 +7,7 @@ import hashlib
 import random
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +54,8 @@ def corpus_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def mismatches(saved: dict, sha256: str, vocab: tuple[str, ...], model_config: dict, train_config: dict) -> list[str]:
+def mismatches(saved: dict[str, Any], sha256: str, vocab: tuple[str, ...], model_config: dict[str, Any],
+               train_config: dict[str, Any]) -> list[str]:
     """What differs between last.pt and the run asked for, other than the budget and where it runs."""
     problems = []
     if saved.get("corpus_sha256") != sha256:
@@ -72,14 +74,16 @@ def mismatches(saved: dict, sha256: str, vocab: tuple[str, ...], model_config: d
     return problems
 
 
-def config_dict(cfg: object) -> dict:
+def config_dict(cfg: Any) -> dict[str, Any]:  # Any: a dataclass instance
     """A dataclass config as builtins only (paths as strings), as checkpoints store it."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
 
 
-def rng_states() -> dict:
+def rng_states() -> dict[str, Any]:
     """Every RNG a run may draw from, as tensors and builtins (last.pt loads with weights_only=True)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    legacy = np.random.get_state(legacy=True)
+    assert isinstance(legacy, tuple)  # the MT19937 tuple, not the dict form
+    kind, keys, pos, has_gauss, gauss = legacy
     version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
@@ -90,7 +94,7 @@ def rng_states() -> dict:
     }
 
 
-def restore_rng_states(states: dict) -> None:
+def restore_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

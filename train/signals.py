@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from typing import Any
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -16,7 +17,7 @@ class StopRequests:
 
     def __init__(self) -> None:
         self.received: signal.Signals | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}  # what signal.signal returned: a handler, SIG_DFL, SIG_IGN or None
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():

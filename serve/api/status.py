@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from serve.errors import (
@@ -37,7 +39,7 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
-def ended_under(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
+def ended_under(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode | None:
     """How gRPC ended a call under its handler: DEADLINE_EXCEEDED once its deadline has passed (gRPC then
     cancels the handler, or ends a Predict's request stream), CANCELLED when the client cancelled, None
     while the call is live."""

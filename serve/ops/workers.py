@@ -183,7 +183,7 @@ def _supervise(settings: Settings, port: int, stop: _Stop, endpoint: SharedEndpo
             if child.is_alive():
                 continue
             running.remove(child)
-            if endpoint is not None:
+            if endpoint is not None and child.pid is not None:  # pid: None only before start()
                 endpoint.process_exited(child.pid)
             if not stop.requests:
                 log.error("%s exited with status %s; stopping the others", child.name, child.exitcode)
