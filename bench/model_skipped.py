@@ -37,7 +37,7 @@ def _skipped_step(self: runtime.Runtime, ids: np.ndarray, state: Any) -> tuple[n
 
 
 if __name__ == "__main__":
-    runtime.Runtime.step = _skipped_step  # type: ignore[method-assign]  (covers --engine thread)
+    runtime.Runtime.step = _skipped_step  # covers --engine thread too
     if sys.argv[1:2] == [ENGINE_CHILD]:
         sys.exit(child.main(sys.argv[2:]))
     proxy.CHILD = [sys.executable, __file__, ENGINE_CHILD]

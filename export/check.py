@@ -88,7 +88,7 @@ def verify(proto: onnx.ModelProto, model: CharRNN, seed: int = 0) -> Report:
         logits, carried = sess.run(None, {"input_ids": chain[:, t : t + 1], "state_in": carried})
         steps.append(logits)
     report.threading = (float(np.abs(np.concatenate(steps, axis=1) - whole_logits).max()),
-                        float(np.abs(state - whole_state).max()))
+                        float(np.abs(carried - whole_state).max()))
     limits = (_limit(whole_logits), _limit(whole_state))
     if not _within(report.threading, limits):
         report.problems.append(f"state threading: max |diff| logits {report.threading[0]:.2e}, state "
