@@ -71,13 +71,15 @@ demo: install
 
 # Regenerates the committed gRPC stubs in serve/api/pb/ from protos/. The -I mapping places each proto at
 # serve/api/pb/<its path> for protoc (e.g. serve/api/pb/charrnn/v1/charrnn.proto), so generated imports
-# read `serve.api.pb.charrnn.v1...` and `serve.api.pb.inference...` with no post-processing. PROTO_OUT
-# lets the stub test regenerate elsewhere and diff.
+# read `serve.api.pb.charrnn.v1...` and `serve.api.pb.inference...` with no post-processing. protoc's
+# --pyi_out types the messages, mypy-protobuf's plugin the services (*_pb2_grpc.pyi), so mypy checks the
+# stubs' users. PROTO_OUT lets the stub test regenerate elsewhere and diff.
 PROTOS := protos/charrnn/v1/charrnn.proto protos/inference/grpc_service.proto
 PROTO_OUT ?= .
 protos:
 	$(BIN)/python -m grpc_tools.protoc -Iserve/api/pb=protos \
 		--python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=$(PROTO_OUT) \
 		$(PROTOS)
 
 clean:

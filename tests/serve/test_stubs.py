@@ -14,7 +14,7 @@ from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 ROOT = Path(__file__).resolve().parents[2]
 GENERATED = tuple(f"{folder}/{stem}{suffix}" for folder, stem in (("charrnn/v1", "charrnn"),
                                                                   ("inference", "grpc_service"))
-                  for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))
+                  for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi"))
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
