@@ -6,10 +6,8 @@ windowed  256-character windows of the validation text, each read from the zero 
           over every position of every window: the protocol behind nanoGPT's char-level figures.
 
 The windows come as whole tilings of the validation text: tiling s holds the windows starting at s,
-s + 256, s + 512, ... Shifts s are a seeded random order of 0..255; at least MIN_TILINGS are read, then
-one more at a time until the standard error of the mean over tilings,
-SE = sd(tiling means) / sqrt(k) * sqrt((S - k) / (S - 1)) for k of S possible shifts, is <= TARGET_SE
-(or every shift has been read, which makes the figure exact). A tiling reads every part of the text once,
+s + 256, s + 512, ... read in a seeded order until the standard error over tilings is <= TARGET_SE
+(train/protocol.py holds that plan in numpy, so export/evaluate.py repeats it on an ONNX file exactly). A tiling reads every part of the text once,
 so only the placement of window boundaries varies between tilings; random window starts also vary in
 which parts of the text they read. On the default corpus (prose and code) random starts needed 6,912
 windows, 38 passes over its validation text, to reach SE 0.005; 3 tilings (3 passes) gave 0.0010.
@@ -26,12 +24,10 @@ import torch.nn.functional as F
 
 from train.data import chunks, streams
 from train.model import CharRNN
+from train.protocol import MIN_TILINGS, TARGET_SE, WINDOW, WINDOWS_PER_BATCH, read_tilings
 
-WINDOW = 256  # nanoGPT's shakespeare_char block size, so our windowed figure compares with theirs
-TARGET_SE = 0.005  # nats/char: finer than the differences between runs we care to tell apart
-WINDOWS_PER_BATCH = 256  # windows per forward pass
-MIN_TILINGS = 3  # the fewest tiling means a standard error is estimated from
 LN2 = math.log(2.0)
+__all__ = ["LN2", "MIN_TILINGS", "TARGET_SE", "WINDOW", "Evaluation", "carried", "evaluate", "windowed"]
 
 
 class Evaluation(NamedTuple):
@@ -88,30 +84,11 @@ def window_losses(model: CharRNN, ids: torch.Tensor, starts: torch.Tensor, windo
     return torch.cat(out)
 
 
-@torch.no_grad()
 def windowed(model: CharRNN, ids: torch.Tensor, device: torch.device, seed: int, window: int = WINDOW,
              target_se: float = TARGET_SE) -> tuple[float, float, int, int, int]:
     """(mean nats/char, its standard error, windows read, window length, tilings) over zero-state windows."""
-    window = min(window, len(ids) - 1)
-    n_starts = len(ids) - window  # start s reads ids[s : s + window] and predicts ids[s + 1 : s + window + 1]
-    n_shifts = min(window, n_starts)
-    shifts = torch.randperm(n_shifts, generator=torch.Generator().manual_seed(seed))
-    means, total, windows, se = [], 0.0, 0, math.inf
-    for shift in shifts.tolist():
-        losses = window_losses(model, ids, torch.arange(shift, n_starts, window), window, device)
-        means.append(float(losses.mean()))
-        total += float(losses.sum())
-        windows += len(losses)
-        k = len(means)
-        if k == n_shifts:
-            se = 0.0  # every tiling read: the mean is exact for this text
-            break
-        if k >= MIN_TILINGS:
-            sd = float(torch.tensor(means, dtype=torch.float64).std())
-            se = sd / math.sqrt(k) * math.sqrt((n_shifts - k) / (n_shifts - 1))
-            if se <= target_se:
-                break
-    return total / windows, se, windows, window, len(means)  # every position of every window weighs the same
+    read = lambda starts, n: window_losses(model, ids, torch.from_numpy(starts), n, device).numpy()  # noqa: E731
+    return tuple(read_tilings(len(ids), seed, read, window, target_se))
 
 
 def evaluate(model: CharRNN, ids: torch.Tensor, n_streams: int, seq_len: int, device: torch.device,
