@@ -92,6 +92,12 @@ def parser() -> argparse.ArgumentParser:
                    help="a progress line every N steps when stderr is not a terminal")
     t.add_argument("--seed", type=int)
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: autocast the training step (CUDA: cell and projection; CPU: the projection "
+                        "only); weights, optimizer, carried state and validation stay float32")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model for training (CUDA only)")
+    t.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, let float32 matmuls use TF32 tensor cores (default on; no effect on the CPU)")
     t.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch per process (default: under torchrun the cores // the node's "
                         "processes; alone, half the cores: OpenMP threads that share a core "
@@ -122,7 +128,7 @@ def configs(args: argparse.Namespace, vocab_size: int) -> tuple[ModelConfig, Tra
         warmup_steps=pick("warmup_steps"), grad_clip=pick("grad_clip"), steps=args.steps,
         epochs=epochs,
         time_budget=args.time_budget, val_fraction=pick("val_fraction"), eval_every=args.eval_every,
-        seed=pick("seed"), device=args.device,
+        seed=pick("seed"), device=args.device, dtype=args.dtype, compile=args.compile, tf32=args.tf32,
     )
     return model_cfg, train_cfg
 

@@ -24,6 +24,7 @@ from train.model import CharRNN, ModelConfig
 from train.signals import StopRequests
 
 log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,13 @@ class TrainConfig:
     window_se: float = 0.005  # the windowed protocol reads windows until its standard error is this small
     seed: int = 1337
     device: str = "auto"
+    dtype: str = "float32"  # bfloat16: autocast the training step (evaluation and the weights stay float32)
+    compile: bool = False  # torch.compile the training step's module (CUDA only)
+    tf32: bool = True  # on CUDA, float32 matmuls may use TF32 tensor cores (10 mantissa bits: ample for SGD)
 
     def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"optimizer must be adam or adamw, got {self.optimizer!r}")
         if self.schedule not in ("cosine", "constant"):
@@ -199,6 +205,16 @@ class _Run:
             raise ValueError(f"--batch-size {cfg.batch_size} does not divide among {world.size} processes: each "
                              "takes an equal contiguous share of the streams (global batch = --batch-size)")
         self.device = _device(cfg.device, world)
+        if cfg.compile and self.device.type != "cuda":
+            raise ValueError("--compile is supported on CUDA only (on the CPU it is untested here, and inductor "
+                             "needs a C++ toolchain); drop it, or train with --device cuda")
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.tf32
+        # autocast in bfloat16: on CUDA the recurrent cell and the projection; on the CPU only what CPU autocast
+        # lists (the projection), the cell stays float32. No gradient scaler: bfloat16 has float32's range.
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
         if world.main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.sha256 = rundir.corpus_sha256(corpus.text)
@@ -220,9 +236,14 @@ class _Run:
         if world.size > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(self.model)  # averages gradients in backward
             torch.manual_seed(cfg.seed + world.rank)  # the same initial weights, but each rank its own dropout
+        if cfg.compile:
+            self.net = torch.compile(self.net)
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         decay = cfg.weight_decay if cfg.optimizer == "adamw" else 0.0
-        self.optimizer = opt_cls(self.model.parameters(), lr=cfg.lr, weight_decay=decay)
+        # fused: one kernel for the whole update on CUDA; the CPU keeps the default (foreach) path, whose
+        # results the exact-resume tests pin
+        fused = {"fused": True} if cuda else {}
+        self.optimizer = opt_cls(self.model.parameters(), lr=cfg.lr, weight_decay=decay, **fused)
         self.pos = Position()
         self.state = self.model.init_state(len(self.inputs), self.device)
         self.started = time.monotonic()
@@ -373,8 +394,9 @@ class _Run:
         lr = _lr_at(cfg, pos.step, self.budget.progress(pos))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        logits, state = self.net(x, self.state)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        with self.autocast:
+            logits, state = self.net(x, self.state)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         # every rank holds an equal share of the streams: the mean of their means is the global mean, and all
         # ranks see the same figure, so all of them stop together if it is not finite
         value = self.world.sum(loss.detach().clone()).item() / self.world.size
@@ -386,7 +408,7 @@ class _Run:
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
-        self.state = state.detach()  # truncated BPTT: carry the value, not the graph
+        self.state = state.detach().float()  # truncated BPTT: carry the value, not the graph
         pos.step += 1
         pos.chunk += 1
         pos.chars += y.numel() * self.world.size
