@@ -223,7 +223,7 @@ class _Run:
         self.train_chars = len(train_ids)
         self.val_ids = val_ids if len(val_ids) >= 2 else None  # the seed lesson has none: keep the last weights
         inputs, targets = streams(train_ids, cfg.batch_size)  # may refuse the text: before any file
-        self.rows = slice(world.rank * cfg.batch_size // world.size, (world.rank + 1) * cfg.batch_size // world.size)
+        self.rows = world.share(cfg.batch_size)  # equal shares: the batch divides among the ranks
         self.inputs, self.targets = inputs[self.rows], targets[self.rows]  # this rank's contiguous streams
         self.saved = self._open(corpus, model_cfg)
         self.metrics = self.out / rundir.METRICS
@@ -423,6 +423,17 @@ class _Run:
                        "loss_smooth": pos.loss_smooth, "lr": lr, "chars": pos.chars,
                        "elapsed": round(pos.train_seconds, 3)})
 
+    def agree(self, stops: StopRequests) -> int:
+        """The signal number that stops the run (0: none). Under DDP one all-reduce: a signal on any rank stops
+        all after this step, and all follow the slowest clock, so a --time-budget ends every rank at the same
+        step with the same learning rates."""
+        if self.world.size == 1:
+            return int(stops.received or 0)
+        agreed = self.world.max(torch.tensor([float(stops.received or 0), self.pos.train_seconds],
+                                             dtype=torch.float64, device=self.device))
+        self.pos.train_seconds = float(agreed[1])
+        return int(agreed[0])
+
     def loop(self) -> dict:
         pos, run = self.pos, self.run
         world = self.world
@@ -441,16 +452,13 @@ class _Run:
                 began = time.monotonic()
                 self.train_step()
                 pos.train_seconds += time.monotonic() - began
-                # one all-reduce: a signal on any rank stops all after this step, and all follow the slowest
-                # clock, so a --time-budget ends every rank at the same step with the same learning rates
-                agreed = world.max(torch.tensor([float(stops.received or 0), pos.train_seconds],
-                                                dtype=torch.float64, device=self.device))
-                stopped, pos.train_seconds = int(agreed[0]), float(agreed[1])
+                stopped = self.agree(stops)
                 if self.val_ids is not None and pos.step % self.cfg.eval_every == 0:
                     self.validate(bar)
                 if pos.step % run.save_every == 0:
                     self.save_last()
                 bar.update(self.tick())  # after validating, so the bar and lines show this step's figure
+            stopped = stopped or self.agree(stops)  # a signal during the last step's validation or save counts
             if stopped:
                 self.interrupted = signal.Signals(stopped).name
                 self.save_last()
