@@ -4,12 +4,14 @@ and --resume under 2 processes ends where the uninterrupted run ends; what DDP r
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +122,51 @@ def test_a_batch_that_does_not_divide_among_the_processes_is_refused(tmp_path, t
     assert proc.returncode != 0
     assert "--batch-size 3 does not divide among 2 processes" in proc.stderr
     assert not (tmp_path / "odd" / "last.pt").exists()
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's worker of the given rank (read from /proc: its children and their RANK)."""
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
+    for pid in children.read_text().split():
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank} under torchrun {launcher.pid}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads torchrun's workers from /proc")
+def test_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, tiny_corpus):
+    out = tmp_path / "one-rank"
+    proc = subprocess.Popen(_torchrun(2, tiny_corpus, out), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        deadline = time.monotonic() + 180
+        for line in proc.stderr:
+            seen.append(line)
+            match = STEP_LINE.search(line)
+            if match and int(match.group(1)) >= 20:
+                os.kill(_rank_pid(proc, 1), signal.SIGTERM)  # rank 1 only: rank 0 learns of it by the flag
+                break
+            assert time.monotonic() < deadline, "training never reached the step"
+        _, rest = proc.communicate(timeout=120)  # returns: rank 0 did not hang waiting for rank 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = "".join(seen) + rest
+    stopped = checkpoint.load(out, checkpoint.LAST)["summary"]["steps"]
+    assert 20 <= stopped < STEPS, stderr
+    assert f"SIGTERM: stopped after step {stopped}" in stderr  # rank 0 logged the step rank 1's signal ended
+    assert len(checkpoint.load(out, checkpoint.LAST)["resume"]["rng_ranks"]) == 2
+
+
+def test_a_time_budget_ends_both_ranks_together(tmp_path, tiny_corpus):
+    proc = _run(2, tiny_corpus, tmp_path / "timed", "--time-budget", "2", "--steps", "100000")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("trained at step") == 1
+    summary = checkpoint.load(tmp_path / "timed", checkpoint.LAST)["summary"]
+    assert 2 <= summary["train_seconds"] < 10 and summary["steps"] < 100000
