@@ -3,7 +3,8 @@
 Python serves gRPC from one core per process (the GIL), so more cores need more processes. The parent
 reserves the port with SO_REUSEPORT (so port 0 still works), starts N spawned children that each load the
 model and bind the same port with SO_REUSEPORT, prints one ready line once all are up, and forwards
-SIGTERM/SIGINT to them. The kernel spreads incoming *connections* across the children; every call on a
+SIGTERM/SIGINT (and SIGHUP: check the model file now, serve/ops/reload.py) to them; each child watches
+the model file on its own. The kernel spreads incoming *connections* across the children; every call on a
 connection stays with its process, so a Generate or Predict stream lives in one process, and Step needs no
 affinity at all because its state travels with the request.
 """
@@ -74,6 +75,14 @@ def run_workers(settings: Settings) -> int:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, forward)
+
+        def check_model(signum: int, _frame: Any) -> None:  # every worker checks its model file now
+            for child in children:
+                if child.is_alive():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child.pid, signum)
+
+        signal.signal(signal.SIGHUP, check_model)
 
         provider = _wait_ready(children, events)
         if provider is None:
