@@ -50,8 +50,10 @@ test-containers: install
 	$(BIN)/python -m pytest -m containers tests/containers
 
 # train (short) -> export -> start the server on a free port -> stream a sample through the client -> stop.
+# --resume auto: a second `make demo` keeps the finished run (or continues an interrupted one); retrain from
+# scratch with `rm -rf runs/demo` or `python -m train ... --overwrite`.
 demo: install
-	$(BIN)/python -m train --time-budget $(DEMO_BUDGET) --out $(DEMO_DIR)
+	$(BIN)/python -m train --time-budget $(DEMO_BUDGET) --out $(DEMO_DIR) --resume auto
 	$(BIN)/python -m export $(DEMO_DIR)
 	@$(BIN)/python -m serve --model $(DEMO_DIR)/model.onnx --port 0 >$(DEMO_DIR)/serve.log 2>&1 & pid=$$!; \
 	trap 'kill $$pid 2>/dev/null' EXIT; \

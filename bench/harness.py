@@ -1,6 +1,6 @@
 """What the benchmark scripts share: the benchmark's model, and a server subprocess started on a free
-port whose ready line names its address. Imported by bench/serve.py and bench/soak.py (their folder is
-on sys.path when they run as scripts)."""
+port whose ready line names its address. Imported by bench/serve.py, bench/soak.py and bench/limits.py
+(their folder is on sys.path when they run as scripts)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
-"""Export proves itself before it reports success: checker, contract, parity with PyTorch, state threading."""
+"""Export proves itself before it reports success: checker, contract, finite weights, parity with PyTorch,
+state threading. Every comparison is written so that NaN fails it (`nan > tol` is False, `nan <= tol` too)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,6 +14,9 @@ import torch
 from export.contract import violations
 from train.model import CharRNN
 
+# |diff| <= TOLERANCE x max(1, largest |output|): absolute for outputs up to 1, relative above. A long-trained
+# saturated RNN amplifies float32 rounding along a sequence: the seed lesson trained 2,000 steps at lr 0.1
+# has logits of 16 that differ by 1.05e-4 between onnxruntime and PyTorch, which is rounding, not a defect.
 TOLERANCE = 1e-4
 SHAPES = ((1, 1), (1, 17), (5, 1), (5, 9))  # (batch, seq): two of each, so nothing fixed can hide
 
@@ -29,8 +34,9 @@ class Report:
     def lines(self) -> list[str]:
         out = [f"  onnxruntime vs PyTorch, batch {b} seq {s}: max |diff| logits {lo:.2e}, state {st:.2e}"
                for (b, s), (lo, st) in self.parity.items()]
-        out.append(f"  whole sequence vs one char at a time: max |diff| logits {self.threading[0]:.2e}, "
-                   f"state {self.threading[1]:.2e}")
+        if self.parity:
+            out.append(f"  whole sequence vs one char at a time: max |diff| logits {self.threading[0]:.2e}, "
+                       f"state {self.threading[1]:.2e}")
         out += [f"  FAIL: {p}" for p in self.problems]
         return out
 
@@ -48,6 +54,7 @@ def verify(proto: onnx.ModelProto, model: CharRNN, seed: int = 0) -> Report:
     except onnx.checker.ValidationError as exc:
         report.problems.append(f"onnx.checker: {exc}")
     report.problems += violations(proto)
+    report.problems += nonfinite_weights(model)
     if report.problems:
         return report
     sess = session(proto.SerializeToString())
@@ -60,14 +67,18 @@ def verify(proto: onnx.ModelProto, model: CharRNN, seed: int = 0) -> Report:
         with torch.no_grad():
             want_logits, want_state = model(ids, state)
         got_logits, got_state = sess.run(None, {"input_ids": ids.numpy(), "state_in": state.numpy()})
+        if not (np.isfinite(got_logits).all() and np.isfinite(got_state).all()):
+            report.problems.append(f"batch {batch} seq {seq}: onnxruntime outputs are not finite")
         if got_logits.shape != tuple(want_logits.shape) or got_state.shape != tuple(want_state.shape):
             report.problems.append(f"batch {batch} seq {seq}: onnxruntime shapes {got_logits.shape}, "
                                    f"{got_state.shape}; PyTorch {tuple(want_logits.shape)}, {tuple(want_state.shape)}")
             continue
         diff = (_maxdiff(got_logits, want_logits), _maxdiff(got_state, want_state))
         report.parity[(batch, seq)] = diff
-        if max(diff) > TOLERANCE:
-            report.problems.append(f"batch {batch} seq {seq}: max |diff| {max(diff):.2e} > {TOLERANCE}")
+        limits = (_limit(want_logits.numpy()), _limit(want_state.numpy()))
+        if not _within(diff, limits):
+            report.problems.append(f"batch {batch} seq {seq}: max |diff| logits {diff[0]:.2e}, state {diff[1]:.2e}; "
+                                   f"limits {limits[0]:.2e}, {limits[1]:.2e}")
 
     ids = torch.randint(0, vocab, (3, 12), generator=rng).numpy()
     zero = np.zeros((3, model.config.num_layers, model.config.state_size), dtype=np.float32)
@@ -78,9 +89,30 @@ def verify(proto: onnx.ModelProto, model: CharRNN, seed: int = 0) -> Report:
         steps.append(logits)
     report.threading = (float(np.abs(np.concatenate(steps, axis=1) - whole_logits).max()),
                         float(np.abs(state - whole_state).max()))
-    if max(report.threading) > TOLERANCE:
-        report.problems.append(f"state threading: max |diff| {max(report.threading):.2e} > {TOLERANCE}")
+    limits = (_limit(whole_logits), _limit(whole_state))
+    if not _within(report.threading, limits):
+        report.problems.append(f"state threading: max |diff| logits {report.threading[0]:.2e}, state "
+                               f"{report.threading[1]:.2e}; limits {limits[0]:.2e}, {limits[1]:.2e}")
     return report
+
+
+def nonfinite_weights(model: CharRNN) -> list[str]:
+    """A tensor holding NaN or Inf: such weights must not reach a server, whatever parity says."""
+    problems = []
+    for name, tensor in model.state_dict().items():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            problems.append(f"weights '{name}': {bad} of {tensor.numel()} values are NaN or infinite")
+    return problems
+
+
+def _limit(want: np.ndarray) -> float:
+    scale = float(np.abs(want).max()) if want.size else 0.0
+    return TOLERANCE * max(1.0, scale) if math.isfinite(scale) else math.nan
+
+
+def _within(diffs: tuple[float, ...], limits: tuple[float, ...]) -> bool:
+    return all(d <= lim for d, lim in zip(diffs, limits))  # False for NaN, unlike max(diffs) > limit
 
 
 def _maxdiff(got: np.ndarray, want: torch.Tensor) -> float:

@@ -18,6 +18,7 @@ BATCH, SEQ = "batch", "seq"
 INPUTS = ("input_ids", "state_in")
 OUTPUTS = ("logits", "state_out")
 REQUIRED_METADATA = ("vocab", "cell", "num_layers", "hidden_size", "state_size")
+COUNTS = ("num_layers", "hidden_size", "state_size")  # positive decimal integers, as the server reads them
 DTYPES = {"input_ids": onnx.TensorProto.INT64, "state_in": onnx.TensorProto.FLOAT,
           "logits": onnx.TensorProto.FLOAT, "state_out": onnx.TensorProto.FLOAT}
 
@@ -51,6 +52,11 @@ def violations(model: onnx.ModelProto) -> list[str]:
         assert len(set(vocab)) == len(vocab)
     except (ValueError, AssertionError):
         return ["metadata 'vocab' is not a JSON array of distinct single-character strings"]
+    # ASCII digits only, as serve/engine/runtime.py reads them: int() also takes ' 4', '٢' and '1_0'
+    problems = [f"metadata '{key}' must be a positive decimal integer, got {meta[key]!r}" for key in COUNTS
+                if not (meta[key].isascii() and meta[key].isdecimal() and int(meta[key]) > 0)]
+    if problems:
+        return problems
     state = int(meta["state_size"])
     hidden = int(meta["hidden_size"])
     if state != (2 * hidden if meta["cell"] == "lstm" else hidden):

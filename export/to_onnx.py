@@ -22,6 +22,10 @@ from train.model import CharRNN, ModelConfig
 OPSET = 17  # the ONNX RNN/GRU/LSTM ops and every runtime we target (onnxruntime >= 1.11, Triton) agree here
 
 
+class ExportError(Exception):
+    """The exporter could not turn a model that rebuilt fine into an ONNX file."""
+
+
 def rebuild(ckpt: dict) -> CharRNN:
     model = CharRNN(ModelConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model_state"])
@@ -29,6 +33,15 @@ def rebuild(ckpt: dict) -> CharRNN:
 
 
 def to_onnx(model: CharRNN, vocab: list[str], provenance: dict[str, str]) -> onnx.ModelProto:
+    """The ONNX graph with the contract's metadata; ExportError says what failed, in one line."""
+    try:
+        return _to_onnx(model, vocab, provenance)
+    except Exception as exc:  # noqa: BLE001 - torch.onnx and protobuf raise many unrelated types
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ExportError(f"{type(exc).__name__}: {first}" if first else type(exc).__name__) from exc
+
+
+def _to_onnx(model: CharRNN, vocab: list[str], provenance: dict[str, str]) -> onnx.ModelProto:
     cfg = model.config
     ids = torch.zeros(2, 3, dtype=torch.long)  # batch != seq so no dim can be confused with the other
     state = model.init_state(2)
@@ -66,11 +79,18 @@ def to_onnx(model: CharRNN, vocab: list[str], provenance: dict[str, str]) -> onn
 
 
 def provenance_of(summary: dict) -> dict[str, str]:
-    val = summary.get("best_val_loss")
+    """val_loss is the carried-state protocol; val_loss_windowed the 256-char windows (empty for checkpoints
+    of format version 1, which predate it, and for runs without a validation split)."""
+
+    def nats(key: str) -> str:
+        value = summary.get(key)
+        return "" if value is None else f"{value:.6f}"
+
     return {
         "corpus": str(summary.get("corpus", "")),
         "steps": str(summary.get("steps", "")),
         "chars_seen": str(summary.get("chars_seen", "")),
-        "val_loss": "" if val is None else f"{val:.6f}",
+        "val_loss": nats("best_val_loss"),
+        "val_loss_windowed": nats("best_val_loss_windowed"),
         "train_seconds": str(summary.get("seconds", "")),
     }

@@ -16,6 +16,18 @@ class NotFound(ServeError):
     """The request names a model (or version) this server does not hold (KServe's ModelInfer and friends)."""
 
 
+class StateFromAnotherModel(ServeError):
+    """Step state that is well formed but bound to another model file (e.g. from a replica still on the
+    old model during a rolling deploy): not broken bytes, so the client should start its chain again."""
+
+    def __init__(self, state_sha256: str, model_sha256: str) -> None:
+        super().__init__(f"this server runs another model (sha256 {model_sha256[:12]}...) than the one "
+                         f"the state belongs to (sha256 {state_sha256[:12]}...): start the chain again "
+                         "with empty state")
+        self.state_sha256 = state_sha256
+        self.model_sha256 = model_sha256
+
+
 class ModelError(ServeError):
     """The model file is missing, unreadable or does not follow the ONNX contract (start-up only)."""
 

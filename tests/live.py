@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 from serve.ops.server import Server, create_server
@@ -51,3 +53,12 @@ def serve_model(model: Path, **overrides: object) -> Iterator[LiveServer]:
         yield live
     finally:
         live.close()
+
+
+def scrape(server: LiveServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every charrnn_* sample on the server's metrics endpoint (started with metrics_port=0):
+    {(name, sorted labels): value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=5).read()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text.decode())
+            for s in family.samples if s.name.startswith("charrnn_")}

@@ -6,6 +6,17 @@
 
 Every option left unset takes the corpus preset's value: the seed lesson's own settings for `hihell`
 (one-hot input, one nn.RNN layer of 5, Adam lr 0.1, 100 epochs, seed 777), else those in PRESETS['text'].
+
+DIR gets checkpoint.pt (the best-validation weights, which export reads), last.pt (the latest state, for
+--resume), metrics.jsonl and loss.png. A folder that already holds a run is refused unless --resume or
+--overwrite says what to do with it. SIGINT or SIGTERM: the current step finishes, last.pt is saved and
+training exits 130 or 143; a second signal exits at once. --resume continues exactly where last.pt left
+off (weights, optimizer, schedule, position in the text, carried state, RNG states): with a --steps or
+--epochs budget a resumed CPU run ends with the same weights as one never interrupted. A --time-budget
+schedule follows the clock (training seconds, evaluation excluded), so it cannot be resumed exactly.
+
+Exit status: 0 trained (or nothing left to do); 1 a loss became NaN or infinite (the last good
+checkpoints are kept); 2 bad arguments, corpus, or run folder; 130 SIGINT; 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -18,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from train.checkpoint import FILENAME
+from train.checkpoint import FILENAME, CheckpointError
 from train.data import DEFAULT_CACHE, CorpusError, load_corpus
-from train.loop import TrainConfig, train
+from train.loop import Diverged, RunOptions, TrainConfig, train
 from train.model import CELLS, INPUTS, ModelConfig
 
 PRESETS = {
@@ -40,7 +51,17 @@ PRESETS = {
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help=f"run folder: {FILENAME}, metrics.jsonl")
+    p.add_argument("--out", type=Path, required=True,
+                   help=f"run folder: {FILENAME}, last.pt, metrics.jsonl, loss.png")
+    p.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), default=None, metavar="auto",
+                   help="continue the run in --out from last.pt (only the budget may change); "
+                        "'--resume auto' also starts a fresh run when --out holds none")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out: removes checkpoint.pt, last.pt, metrics.jsonl, loss.png "
+                        "(never model.onnx, which a server may be reading)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (on a terminal) or progress lines (elsewhere), no info logging: "
+                        "only warnings, errors and the closing line")
     p.add_argument("--corpus", default=None,
                    help="hihell | default | tinyshakespeare | a UTF-8 file | a folder of .txt files "
                         "(default: the Python language reference shipped with CPython)")
@@ -62,16 +83,24 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", type=int)
     t.add_argument("--grad-clip", type=float, help="max gradient norm; 0 = off")
     t.add_argument("--val-fraction", type=float, help="last fraction of the text held out (contiguous)")
-    t.add_argument("--eval-every", type=int, default=200, help="validate every N steps (and at the end)")
+    t.add_argument("--eval-every", type=int, default=200,
+                   help="validate every N steps (and at step 0 and the end), under both protocols: carried "
+                        "state over the whole validation text, and 256-char windows from the zero state")
+    t.add_argument("--save-every", type=int, default=200, help="write last.pt every N steps (and at the end)")
+    t.add_argument("--log-every", type=int, default=100,
+                   help="a progress line every N steps when stderr is not a terminal")
     t.add_argument("--seed", type=int)
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     t.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                    help="CPU threads for torch (default: half the cores; OpenMP threads that share a core "
                         "with other work spin-wait and ran 30x slower on our 2-core machines)")
-    b = p.add_argument_group("budget (the first reached ends training; none given = 1 epoch)")
+    b = p.add_argument_group("budget (the first reached ends training; none given = 1 epoch; "
+                             "--resume may raise it)")
     b.add_argument("--steps", type=int)
     b.add_argument("--epochs", type=int)
-    b.add_argument("--time-budget", type=float, metavar="SECONDS")
+    b.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="seconds of training steps (evaluation is not counted); follows the clock, so a "
+                        "resumed run cannot repeat an uninterrupted one exactly")
     return p
 
 
@@ -96,25 +125,45 @@ def configs(args: argparse.Namespace, vocab_size: int) -> tuple[ModelConfig, Tra
     return model_cfg, train_cfg
 
 
+def run_options(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(resume=args.resume, overwrite=args.overwrite, save_every=args.save_every,
+                      log_every=args.log_every, progress="quiet" if args.quiet else "auto")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     torch.set_num_threads(max(1, args.threads))
     try:
         corpus = load_corpus(args.corpus, args.cache_dir)
         model_cfg, train_cfg = configs(args, len(corpus.vocab))
-        summary = train(corpus, model_cfg, train_cfg)
-    except (CorpusError, ValueError, RuntimeError) as exc:
+        summary = train(corpus, model_cfg, train_cfg, run_options(args))
+    except Diverged as exc:
+        print(f"train: error: {exc}", file=sys.stderr)
+        return 1
+    except (CorpusError, CheckpointError, ValueError, RuntimeError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
+    print(report(summary, args.out / FILENAME))
+    return summary["exit_code"]
+
+
+def report(summary: dict, path: Path) -> str:
+    """The closing line: what was trained and both validation figures of the kept weights."""
+    if summary["nothing_to_do"]:
+        head = f"nothing to do: the run already finished at step {summary['steps']}"
+    else:
+        head = (f"{'stopped' if summary['interrupted'] else 'trained'} at step {summary['steps']} "
+                f"({summary['chars_seen']} chars) in {summary['seconds']:.1f}s ({summary['train_seconds']:.1f}s "
+                f"training, {summary['eval_seconds']:.1f}s evaluation)")
     best = summary["best_val_loss"]
-    print(
-        f"trained {summary['steps']} steps ({summary['chars_seen']} chars) in {summary['seconds']:.1f}s; "
-        + (f"best validation {best:.4f} nats/char; " if best is not None else
-           f"final train loss {summary['final_train_loss']:.4f} nats/char; ")
-        + f"checkpoint {args.out / FILENAME}"
-    )
-    return 0
+    if best is None:
+        quality = f"final train loss {summary['final_train_loss']:.4f} nats/char"
+    else:
+        quality = (f"best validation (step {summary['best_step']}): carried {best:.4f} nats/char "
+                   f"({summary['best_val_bpc']:.3f} bits/char), windowed {summary['best_val_loss_windowed']:.4f} "
+                   f"± {summary['best_windowed_se']:.4f} ({summary['best_val_bpc_windowed']:.3f} bits/char)")
+    return f"{head}; {quality}; checkpoint {path}"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """The checkpoint file: a plain dict of tensors and builtins, loadable with torch.load(weights_only=True).
 
-It carries everything export needs (weights, model config, vocabulary, training summary), so nothing else
-travels from train to export. Writes are atomic: a crash mid-save leaves the previous checkpoint intact.
+Two files per run folder. checkpoint.pt holds the best-validation weights and everything export needs
+(weights, model config, vocabulary, training summary), so nothing else travels from train to export.
+last.pt holds the latest state with what `--resume` needs besides (optimizer, position, carried hidden
+state, RNG states). Writes are atomic: a crash mid-save leaves the previous file intact.
+
+Version 2 added last.pt and the windowed validation figures in the summary; version 1 files still load.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from pathlib import Path
 import torch
 
 FORMAT = "charrnn-checkpoint"
-VERSION = 1
-FILENAME = "checkpoint.pt"
+VERSION = 2
+READABLE = (1, 2)
+FILENAME = "checkpoint.pt"  # the best-validation weights, which export reads
+LAST = "last.pt"  # the latest state, which --resume reads
 
 
 class CheckpointError(Exception):
@@ -42,10 +48,11 @@ def save(path: Path, payload: dict) -> None:
         os.close(dir_fd)
 
 
-def load(path: Path) -> dict:
+def load(path: Path, name: str = FILENAME) -> dict:
+    """Read path (a file, or a run folder's `name`) and check it is a charrnn checkpoint we can read."""
     path = Path(path)
     if path.is_dir():
-        path = path / FILENAME
+        path = path / name
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint (train with `python -m train --out {path.parent}`)")
     try:
@@ -54,9 +61,10 @@ def load(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a charrnn checkpoint")
-    if data.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {data.get('version')}, this code reads {VERSION}")
-    for key in ("model_state", "model_config", "vocab", "summary"):
+    if data.get("version") not in READABLE:
+        raise CheckpointError(f"{path}: checkpoint version {data.get('version')}, this code reads "
+                              f"{', '.join(map(str, READABLE))}")
+    for key in ("model_state", "model_config", "vocab", "summary") + (("resume",) if path.name == LAST else ()):
         if key not in data:
             raise CheckpointError(f"{path}: checkpoint lacks '{key}'")
     return data

@@ -34,7 +34,7 @@ import grpc
 from serve.api.admission import Gate
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 from serve.api.pb.inference import grpc_service_pb2 as inference_pb
-from serve.api.status import status_of
+from serve.api.status import ended_under, status_of
 from serve.errors import Unauthenticated
 from serve.ops.metrics import Metrics
 
@@ -172,10 +172,10 @@ class Outcome:
                     await self._fail(call, error)
                 else:
                     call.sent = sent
-                    self._end(call)
+                    self._finish(call)
                 finally:
                     if not call.ended:  # closed while it waited to hand over a message: the client left
-                        call.sent, call.code = sent, "CANCELLED"
+                        call.sent, call.code = sent, (ended_under(context) or grpc.StatusCode.CANCELLED).name
                         self._end(call)
             return _rewrap(handler, streaming)
 
@@ -190,7 +190,7 @@ class Outcome:
                 await self._fail(call, error)
             else:
                 call.sent = 1
-                self._end(call)
+                self._finish(call)
                 return response
         return _rewrap(handler, unary)
 
@@ -199,6 +199,15 @@ class Outcome:
         call = Call(rpc, context, context.peer(), time.perf_counter())
         _CALL.set(call)
         return call
+
+    @classmethod
+    def _finish(cls, call: Call) -> None:
+        """The handler returned; if the call had ended under it (a Predict's request stream stops when its
+        deadline passes or the client cancels), that is the call's status, not OK."""
+        code = ended_under(call.context)
+        if code is not None:
+            call.code = code.name
+        cls._end(call)
 
     @staticmethod
     def _end(call: Call) -> None:
@@ -215,10 +224,10 @@ class Outcome:
         await call.context.abort(code, message)
 
     async def _cut(self, call: Call) -> None:
-        """The task was cancelled: by shutdown (say why) or because the client went away."""
+        """The task was cancelled: by shutdown (say why), its deadline, or because the client went away."""
         reason = self._shutdown_reason()
         if reason is None:
-            call.code = "CANCELLED"
+            call.code = (ended_under(call.context) or grpc.StatusCode.CANCELLED).name
             self._end(call)
             return
         call.code = grpc.StatusCode.UNAVAILABLE.name

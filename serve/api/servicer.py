@@ -77,5 +77,5 @@ class CharRNNServicer(pb_grpc.CharRNNServicer):
         return pb.ModelInfo(vocab=spec.vocab, cell=spec.cell, num_layers=spec.num_layers,
                             hidden_size=spec.hidden_size, state_size=spec.state_size,
                             execution_provider=info.execution_provider, model_sha256=spec.sha256,
-                            max_chars=info.max_chars,
+                            max_chars=info.max_chars, project_version=info.project_version,
                             **{k: spec.provenance.get(k, "") for k in PROVENANCE})

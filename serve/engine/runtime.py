@@ -3,8 +3,8 @@
 The contract (written by export/): inputs `input_ids` int64 [batch, seq] and `state_in` float32
 [batch, num_layers, state_size]; outputs `logits` float32 [batch, seq, vocab] and `state_out` float32
 [batch, num_layers, state_size]; metadata `vocab` (JSON list of characters), `cell`, `num_layers`,
-`hidden_size`, `state_size`, plus optional provenance strings. A file that breaks it fails at start-up
-with ModelError naming the file, never on the first request.
+`hidden_size`, `state_size`, plus optional provenance strings. A file that breaks it, or whose test call
+gives a NaN or an infinity, fails at start-up with ModelError naming the file, never on the first request.
 
 On CUDA the step batch's state stays on the device between steps (IOBinding); only logits come back.
 """
@@ -162,20 +162,31 @@ class Runtime:
             raise DeviceError(f"--device cuda: onnxruntime fell back to {self.provider}")
         _check_signature(self.session, self.spec)
         self._on_cuda = self.provider == CUDA
-        self._check_shapes()
+        self._test_call()
 
-    def _check_shapes(self) -> None:
-        """One real call: dimensions the graph leaves symbolic must still agree with the metadata."""
-        ids = np.zeros((2, 3), dtype=np.int64)
+    def _test_call(self) -> None:
+        """One real call: dimensions the graph leaves symbolic must still agree with the metadata, and
+        every output must be finite (a NaN would be sampled as token 0 forever). Each character of the
+        vocabulary is fed once, so damage to one character's weights is caught too."""
+        vocab = len(self.spec.vocab)
+        seq = max(3, vocab)  # batch 2 != seq, so the two dimensions cannot be confused
+        ids = np.stack([np.arange(seq) % vocab, np.arange(seq)[::-1] % vocab]).astype(np.int64)
         try:
             logits, state = self.run(ids, self.zero_state(2))
         except Exception as error:  # noqa: BLE001 - any failure here means the file is unusable
             raise ModelError(self.spec.path, f"test run failed: {str(error).splitlines()[0]}") from None
-        want_logits = (2, 3, len(self.spec.vocab))
+        want_logits = (2, seq, vocab)
         want_state = (2, *self.spec.state_shape)
         if logits.shape != want_logits or state.shape != want_state:
             raise ModelError(self.spec.path, f"test run gave logits {logits.shape} and state_out {state.shape}, "
                                              f"expected {want_logits} and {want_state}")
+        bad = {name: int(values.size - np.isfinite(values).sum()) for name, values in
+               (("logits", logits), ("state_out", state))}
+        if any(bad.values()):
+            found = " and ".join(f"{n} of {size} {name} values" for (name, n), size in
+                                 zip(bad.items(), (logits.size, state.size)) if n)
+            raise ModelError(self.spec.path, f"test run gave non-finite outputs (NaN or infinity): {found}; "
+                                             "the weights are damaged or training diverged")
 
     def zero_state(self, batch: int) -> np.ndarray:
         return np.zeros((batch, *self.spec.state_shape), dtype=np.float32)

@@ -4,14 +4,25 @@
 
 The engine counts once per onnxruntime step call (batch size, step time, characters), never once per
 character per stream: the step loop is the hot path. Calls are counted once each, when they end.
+
+With `--workers N` every worker counts into files of its own in one folder (prometheus_client's
+multiprocess mode, chosen by PROMETHEUS_MULTIPROC_DIR before the workers start) and the parent serves
+their sum on the one --metrics-port (`SharedEndpoint`): the same series, summed over the workers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 import threading
+from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
+
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client reads it when a process creates its first metric
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _STEP_BUCKETS = (50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3)
@@ -25,7 +36,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.active_streams = Gauge("charrnn_active_streams",
-                                    "CharRNN calls in flight (what --max-streams limits)", registry=r)
+                                    "CharRNN calls in flight (what --max-streams limits)", registry=r,
+                                    multiprocess_mode="livesum")  # workers: the sum over those alive
         self.calls = Counter("charrnn_calls", "finished CharRNN calls by rpc and gRPC status code",
                              ["rpc", "code"], registry=r)
         self.characters = Counter("charrnn_characters_generated", "characters sampled for Generate streams",
@@ -44,7 +56,7 @@ class Metrics:
         # A fleet's model rollout in one query: `count by (sha256) (charrnn_model_info)` is 1 row when every
         # replica serves one model (serve/ops/reload.py keeps the gauge on the model served now).
         self.model_info = Gauge("charrnn_model_info", "1 for the model this server serves, by its file's SHA-256",
-                                ["sha256"], registry=r)
+                                ["sha256"], registry=r, multiprocess_mode="liveall")  # workers: one row each
         self.model_reloads = Counter(
             "charrnn_model_reloads", "changed model files: ok (now served) or refused (bad, missing or failing "
             "its check; the model before it is still served)", ["result"], registry=r)
@@ -55,11 +67,54 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> int:
         """Serves /metrics on host:port in a daemon thread; returns the bound port (port 0 picks one)."""
-        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http, self._thread = _serve(self.registry, host, port)
         return int(self._http.server_address[1])
 
     def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
+        _close(self._http)
+        self._http = None
+
+
+def _serve(registry: CollectorRegistry, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
+    return start_http_server(port, addr=host, registry=registry)
+
+
+def _close(http: WSGIServer | None) -> None:
+    if http is not None:
+        http.shutdown()
+        http.server_close()
+
+
+class SharedEndpoint:
+    """The parent's /metrics for `--workers`: every worker's files in `folder`, summed when scraped."""
+
+    def __init__(self, folder: str, host: str, port: int) -> None:
+        self.folder = folder
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=folder)
+        self._http, _ = _serve(registry, host, port)
+        self.port = int(self._http.server_address[1])
+
+    def process_exited(self, pid: int) -> None:
+        """Drops the live gauges of a worker that has exited (its counters still count)."""
+        multiprocess.mark_process_dead(pid, self.folder)
+
+    def close(self) -> None:
+        _close(self._http)
+
+
+@contextlib.contextmanager
+def shared_endpoint(host: str, port: int) -> Iterator[SharedEndpoint]:
+    """A fresh folder named in PROMETHEUS_MULTIPROC_DIR for the workers started inside the block (they
+    inherit the environment), its endpoint served on host:port; both gone after the block."""
+    folder = tempfile.mkdtemp(prefix="charrnn-metrics-")
+    os.environ[MULTIPROC_DIR] = folder
+    try:
+        endpoint = SharedEndpoint(folder, host, port)
+        try:
+            yield endpoint
+        finally:
+            endpoint.close()
+    finally:
+        del os.environ[MULTIPROC_DIR]
+        shutil.rmtree(folder, ignore_errors=True)

@@ -41,9 +41,10 @@ from serve.service.sequences import Sequences
 log = logging.getLogger(__name__)
 
 
-def load_model(settings: Settings, data: bytes, metrics: Metrics, sequences: Sequences) -> Model:
-    """A Model over these bytes of settings.model, its engine loaded and checked (not started yet).
-    Blocks for the load; raises ModelError / DeviceError / EngineFailure when the bytes cannot be served."""
+def load_model(settings: Settings, data: bytes, metrics: Metrics, sequences: Sequences, version: str) -> Model:
+    """A Model over these bytes of settings.model, its engine loaded and checked (not started yet);
+    version: the project's (GetModelInfo). Blocks for the load; raises ModelError / DeviceError /
+    EngineFailure when the bytes cannot be served."""
     engine: Engine
     if settings.engine == "process":  # the engine process loads and checks the model; nothing here does
         engine = ProcessEngine(settings.model, settings.device, settings.threads, settings.max_batch,
@@ -54,7 +55,7 @@ def load_model(settings: Settings, data: bytes, metrics: Metrics, sequences: Seq
                               settings.max_batch, settings.max_delay_us, metrics=metrics)
     try:  # an engine process is running from here on: it must not outlive a failure
         charrnn = CharRNNService(engine, engine.provider, settings.max_chars, settings.state_key.encode(),
-                                 settings.max_prompt_chars)
+                                 settings.max_prompt_chars, version=version)
         inference = InferenceService(engine, settings.model_name, settings.max_batch, settings.max_prompt_chars,
                                      sequences, settings.max_delay_us)
     except BaseException:

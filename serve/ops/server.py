@@ -100,7 +100,8 @@ class Server:
         self._watch(model)
         model.engine.start(asyncio.get_running_loop())
         old = self.models.swap(model)
-        if old.sha256 != model.sha256:
+        if old.sha256 != model.sha256:  # 0 first: with --workers the row lives on in a shared file
+            self.metrics.model_info.labels(old.sha256).set(0)
             self.metrics.model_info.remove(old.sha256)
         self.metrics.model_info.labels(model.sha256).set(1)
         if not self.gate.draining:  # the old engine may have been restarting: this one serves
@@ -212,9 +213,10 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
     reuse_port: bind with SO_REUSEPORT, for `--workers` processes sharing one port (serve/ops/workers.py).
 
     Raises ModelError / DeviceError when the model or the device cannot be used, ConfigError for a
-    bad TLS file.
+    bad TLS file or a missing CHANGELOG.md (the project version).
     """
     credentials = _credentials(settings)
+    version = project_version()  # before the engine starts: an image without CHANGELOG.md fails here
     metrics = Metrics()
     try:  # stat first: a file replaced between the two is seen as changed at the first check
         seen = file_id(settings.model)
@@ -222,12 +224,12 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
         seen = None
     data = read_model(settings.model)  # the only read until a reload: an engine restart reuses these bytes
     sequences = Sequences(None, settings.max_sequences, settings.sequence_idle_seconds)  # they outlive reloads
-    model = load_model(settings, data, metrics, sequences)
+    model = load_model(settings, data, metrics, sequences, version)
     engine, provider = model.engine, model.engine.provider
     try:  # an engine process is running from here on: it must not outlive a failed start
         models = ModelSlot(model)
         watcher = ModelWatcher(settings.model, settings.reload_interval,
-                               lambda data: load_model(settings, data, metrics, sequences),
+                               lambda data: load_model(settings, data, metrics, sequences, version),
                                lambda: models.current.sha256, metrics, seen)
         gate = Gate(settings.max_streams, metrics)
         server = grpc.aio.server(interceptors=chain(gate, metrics, settings.auth_token),
@@ -235,7 +237,7 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
                                           ("grpc.max_receive_message_length", settings.max_message_bytes)])
         pb_grpc.add_CharRNNServicer_to_server(CharRNNServicer(models), server)
         inference_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(models, project_version(), gate), server)
+            InferenceServicer(models, version, gate), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((*API_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -255,12 +257,23 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
                   metrics_port), port
 
 
+StopRequests = Callable[[asyncio.AbstractEventLoop, Callable[[], None]], None]
+"""Arranges for `request()` to run on each request to stop: the first drains, the next cuts."""
+
+
+def on_signals(loop: asyncio.AbstractEventLoop, request: Callable[[], None]) -> None:
+    """A server on its own stops on SIGINT and SIGTERM (a `--workers` child asks its parent instead)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, request)
+
+
 def print_ready(settings: Settings, address: str, provider: str) -> None:
     print(f"charrnn serving {settings.model} on {address} ({provider})", flush=True)
 
 
 async def serve(settings: Settings, reuse_port: bool = False,
-                ready: Callable[[Settings, str, str], None] = print_ready) -> None:
+                ready: Callable[[Settings, str, str], None] = print_ready,
+                stop_requests: StopRequests = on_signals) -> None:
     """Runs until SIGINT/SIGTERM, then drains (see Server.drain); announces readiness (by default the
     ready line, then the metrics line when metrics are on) once it accepts calls."""
     server, _ = create_server(settings, reuse_port)
@@ -274,13 +287,11 @@ async def serve(settings: Settings, reuse_port: bool = False,
             log.info("%s", line)
     stop, cut = asyncio.Event(), asyncio.Event()
 
-    def on_signal() -> None:
+    def on_request() -> None:
         (cut if stop.is_set() else stop).set()
 
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
-    loop.add_signal_handler(signal.SIGHUP, server.watcher.check_now)
+    stop_requests(asyncio.get_running_loop(), on_request)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, server.watcher.check_now)  # --workers too
     assert server.lost is not None
     lost = asyncio.ensure_future(server.lost.wait())
     tasks = [asyncio.ensure_future(server.wait_for_termination()), asyncio.ensure_future(stop.wait()), lost]
@@ -298,13 +309,13 @@ async def serve(settings: Settings, reuse_port: bool = False,
 
 
 def run(settings: Settings, reuse_port: bool = False,
-        ready: Callable[[Settings, str, str], None] = print_ready) -> int:
+        ready: Callable[[Settings, str, str], None] = print_ready, stop_requests: StopRequests = on_signals) -> int:
     """Serves until stopped; the process exit status: 0, or 2 when the model or device cannot be used."""
     try:
         factory, name = loop_factory(settings.event_loop)
         log.debug("event loop: %s", name)
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(serve(settings, reuse_port, ready))
+            runner.run(serve(settings, reuse_port, ready, stop_requests))
     except (ModelError, ConfigError) as error:  # its message starts with the file's path or the flag
         print(f"charrnn serve: {error}", file=sys.stderr, flush=True)
         return 2

@@ -65,7 +65,7 @@ class Settings:
         "help": "seconds that calls in flight get to finish after SIGTERM (a second SIGTERM cuts them at once)"})
     metrics_port: int = field(default=-1, metadata={
         "help": "serve Prometheus metrics on http://HOST:PORT/metrics; -1 = off, 0 = a free port (printed); "
-                "with --workers N, worker i serves on PORT+i"})
+                "with --workers N, one endpoint sums every worker"})
     tls_cert: str = field(default="", metadata={"help": "PEM certificate chain: serve TLS (with --tls-key)"})
     tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})
     tls_client_ca: str = field(default="", metadata={
@@ -159,8 +159,4 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     settings = Settings(**vars(p.parse_args(argv)))
     if not settings.model_name.strip():
         p.error("--model-name must not be empty: KServe clients name the model in every request")
-    last = settings.metrics_port + settings.workers - 1  # worker i serves metrics on PORT+i
-    if settings.metrics_port > 0 and last > 65535:
-        p.error(f"--metrics-port {settings.metrics_port} with --workers {settings.workers} needs ports up to {last}"
-                " (above 65535)")
     return settings

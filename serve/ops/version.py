@@ -6,6 +6,8 @@ import functools
 import re
 from pathlib import Path
 
+from serve.errors import ConfigError
+
 CHANGELOG = Path(__file__).resolve().parents[2] / "CHANGELOG.md"
 # A release heading as Keep a Changelog writes it: `## [1.2.3] - 2026-12-01`.
 _RELEASE = re.compile(r"^## \[(\d+\.\d+\.\d+(?:[-+][0-9A-Za-z.-]+)?)\]", re.MULTILINE)
@@ -13,13 +15,14 @@ _RELEASE = re.compile(r"^## \[(\d+\.\d+\.\d+(?:[-+][0-9A-Za-z.-]+)?)\]", re.MULT
 
 @functools.cache
 def project_version(changelog: Path = CHANGELOG) -> str:
-    """The newest released version; a missing file or heading is a packaging error, said as such."""
+    """The newest released version; a missing file or heading is a packaging error, said as such (a
+    ConfigError: the server exits with the message, no traceback)."""
     try:
         text = changelog.read_text(encoding="utf-8")
     except OSError as error:
-        raise RuntimeError(f"cannot read the project version from {changelog}: {error.strerror}"
+        raise ConfigError(f"cannot read the project version from {changelog}: {error.strerror}"
                            " (images must copy CHANGELOG.md beside serve/)") from error
     match = _RELEASE.search(text)
     if match is None:
-        raise RuntimeError(f"{changelog} has no release heading like '## [1.2.3] - 2026-12-01'")
+        raise ConfigError(f"{changelog} has no release heading like '## [1.2.3] - 2026-12-01'")
     return match.group(1)

@@ -43,14 +43,17 @@ class ModelInfo:
     spec: ModelSpec
     execution_provider: str
     max_chars: int
+    project_version: str
 
 
 class CharRNNService:
     """What the API does, for one loaded model."""
 
     def __init__(self, engine: Engine, provider: str, max_chars: int, state_secret: bytes = b"",
-                 max_prompt_chars: int = 10_000) -> None:
+                 max_prompt_chars: int = 10_000, *, version: str) -> None:
+        """version: the project version (serve/ops/version.py) that GetModelInfo reports."""
         self.engine = engine
+        self.version = version
         self.spec = engine.spec
         self.provider = provider
         self.max_chars = max_chars
@@ -122,5 +125,5 @@ class CharRNNService:
         return StepResult(self.codec.encode(state_out), last)
 
     def info(self) -> ModelInfo:
-        return ModelInfo(self.spec, self.provider, self.max_chars)
+        return ModelInfo(self.spec, self.provider, self.max_chars, self.version)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serve.engine.protocol import Engine
+from serve.engine.protocol import Engine, EngineState
 from serve.errors import InvalidArgument, NotFound
 from serve.service.sequences import SequenceControl, SequenceModel, Sequences
 
@@ -95,10 +95,16 @@ class InferenceService:
         self.outputs = (TensorSpec(LOGITS, "FP32", (-1, -1, vocab)), TensorSpec(STATE_OUT, "FP32", (-1, layers, size)))
         self._zero = np.zeros(self.spec.state_shape, dtype=np.float32)
         self._sequence_model = SequenceModel(self.spec.sha256, self._zero)  # sequences outlive a reload
+        # ServerReady/ModelReady follow what gRPC health reports: not ready while the engine is replaced.
+        self._engine_state = EngineState.SERVING
+        engine.watch(self._engine_changed)
+
+    def _engine_changed(self, state: EngineState) -> None:
+        self._engine_state = state
 
     @property
     def ready(self) -> bool:
-        return self.engine.running
+        return self.engine.running and self._engine_state is EngineState.SERVING
 
     def check_model(self, name: str, version: str = "") -> None:
         """NotFound unless NAME (and VERSION, when given) is the model this server holds."""

@@ -12,15 +12,22 @@ Layout (little-endian), version 1:
     48      4*L*S float32 state, [num_layers, state_size] row-major
     end-32  32    tag: HMAC-SHA256(key, every byte before the tag)
 
+Checked in this order, so that "another model" is told apart from "broken bytes": the header's magic,
+version and flags; the length the header's own sizes imply (a truncated or padded state of any model
+fails here); then the fingerprint: a different one is StateFromAnotherModel (FAILED_PRECONDITION: the
+client should start its chain again), because that state's tag is keyed by the other model and cannot
+be checked here, so damage confined to the fingerprint bytes reads as another model too. With our
+fingerprint: the shape, the tag, and finite floats. Everything else is InvalidArgument.
+
 key = SHA-256(b"charrnn-state-v1" + model SHA-256 + secret). Every replica that serves the same file
 (and, when set, the same CHARRNN_STATE_KEY secret) derives the same key, so any of them accepts any state.
 
 What the tag proves. Without CHARRNN_STATE_KEY the key derives from the model's SHA-256 alone, and that
 is public: every state carries it (offset 8) and GetModelInfo returns it. Anyone can therefore mint a
-state with a valid tag around floats of their choosing. The tag catches corruption, truncation, random
-bytes and state from another model; it does not catch deliberate forgery: it is a checksum, not
-authentication. A state is only floats fed back into the network (non-finite ones are rejected), so a
-crafted one can only change that caller's own predictions. With CHARRNN_STATE_KEY set (the same on
+state with a valid tag around floats of their choosing. The tag catches corruption and random bytes
+(the length check catches truncation, the fingerprint another model's state); it does not catch
+deliberate forgery: it is a checksum, not authentication. A state is only floats fed back into the
+network (non-finite ones are rejected), so a crafted one can only change that caller's own predictions. With CHARRNN_STATE_KEY set (the same on
 every replica) the key is secret, the tag is a real MAC and a forged state is rejected with
 INVALID_ARGUMENT: set it when state crosses a trust boundary, e.g. when untrusted clients hold it.
 """
@@ -33,7 +40,7 @@ import struct
 
 import numpy as np
 
-from serve.errors import InvalidArgument
+from serve.errors import InvalidArgument, StateFromAnotherModel
 
 MAGIC = b"CRNS"
 VERSION = 1
@@ -72,14 +79,19 @@ class StateCodec:
             raise InvalidArgument(f"state version {version} is not supported (this server reads {VERSION})")
         if flags != 0:
             raise InvalidArgument(f"state has unknown flags {flags:#x}")
+        # The length the header itself implies, checked before the fingerprint: a truncated or padded
+        # state is broken whichever model it came from, and that is decidable without its model's key.
+        expected = _HEADER.size + 4 * layers * size + _TAG
+        if len(data) != expected:
+            raise InvalidArgument(f"state is {len(data)} bytes, its header ({layers}x{size} floats) says "
+                                  f"{expected} (truncated or padded)")
         if fingerprint != self._fingerprint:
-            raise InvalidArgument(f"state belongs to another model (sha256 {fingerprint.hex()[:12]}...), "
-                                  f"this server runs {self._fingerprint.hex()[:12]}...")
+            # A well-formed state of another model: its tag is keyed by that model, so this is as far as
+            # it can be checked (damage to these 32 bytes alone reads the same; the proto says so).
+            raise StateFromAnotherModel(fingerprint.hex(), self._fingerprint.hex())
         if (layers, size) != self._shape:
             raise InvalidArgument(f"state shape {layers}x{size} does not match the model's "
                                   f"{self._shape[0]}x{self._shape[1]}")
-        if len(data) != self.size:
-            raise InvalidArgument(f"state is {len(data)} bytes, expected {self.size} (truncated or padded)")
         body, tag = data[:-_TAG], data[-_TAG:]
         if not hmac.compare_digest(tag, self._tag(body)):
             raise InvalidArgument("state checksum mismatch: altered, forged or minted under another key")

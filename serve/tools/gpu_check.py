@@ -23,6 +23,9 @@ from serve.engine.runtime import Runtime
 from serve.engine.thread import ThreadEngine
 
 
+TOLERANCE = 1e-3  # max |device - cpu| logits; float32 kernels on two devices differ near 1e-6
+
+
 def _chain(rt: Runtime, ids: np.ndarray) -> np.ndarray:
     """Steps ids [batch, T] one column at a time with device-resident state; returns logits [batch, T, V]."""
     state = rt.upload(rt.zero_state(ids.shape[0]))
@@ -33,7 +36,28 @@ def _chain(rt: Runtime, ids: np.ndarray) -> np.ndarray:
     return np.stack(out, axis=1)
 
 
-async def _generate(rt: Runtime, streams: int, chars: int) -> tuple[float, list[list[int]]]:
+def logit_errors(device: Runtime, cpu: Runtime) -> dict[str, float]:
+    """Max |device - cpu| logits over 8 seeded texts of 32 characters, for each way the server runs the
+    model: a prefill, a chain of steps with the state left on the device, and a chain whose batch loses a
+    row half-way (download, drop, upload, continue)."""
+    ids = np.random.default_rng(0).integers(0, len(cpu.spec.vocab), size=(8, 32), dtype=np.int64)
+    want, _ = cpu.run(ids, cpu.zero_state(8))
+    got_prefill, _ = device.run(ids, device.zero_state(8))
+    got_chain = _chain(device, ids)
+    state = device.upload(device.zero_state(8))
+    for t in range(16):
+        _, state = device.step(ids[:, t:t + 1], state)
+    kept = device.upload(device.download(state)[1:])
+    tail = []
+    for t in range(16, 32):
+        logits, kept = device.step(ids[1:, t:t + 1], kept)
+        tail.append(logits)
+    return {"prefill": float(np.abs(got_prefill - want).max()),
+            "device-state chain": float(np.abs(got_chain - want).max()),
+            "after re-batching": float(np.abs(np.stack(tail, axis=1) - want[1:, 16:]).max())}
+
+
+async def engine_streams(rt: Runtime, streams: int, chars: int) -> tuple[float, list[list[int]]]:
     """streams seeded Generate streams of chars characters through a ThreadEngine on rt: (seconds, tokens)."""
     engine = ThreadEngine(rt, max_batch=max(streams, 1))
     engine.start(asyncio.get_running_loop())
@@ -75,22 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check: {error}", file=sys.stderr)
         return 2
     print(f"{args.model}: {gpu.provider} vs {cpu.provider}")
-    vocab = len(gpu.spec.vocab)
-    ids = np.random.default_rng(0).integers(0, vocab, size=(8, 32), dtype=np.int64)
-    want, _ = cpu.run(ids, cpu.zero_state(8))
-    got_prefill, _ = gpu.run(ids, gpu.zero_state(8))
-    got_chain = _chain(gpu, ids)
-    # membership change mid-chain: download, drop a row, upload, continue
-    state = gpu.upload(gpu.zero_state(8))
-    for t in range(16):
-        _, state = gpu.step(ids[:, t:t + 1], state)
-    kept = gpu.upload(gpu.download(state)[1:])
-    tail = []
-    for t in range(16, 32):
-        logits, kept = gpu.step(ids[1:, t:t + 1], kept)
-        tail.append(logits)
-    errors = {"prefill": np.abs(got_prefill - want).max(), "device-state chain": np.abs(got_chain - want).max(),
-              "after re-batching": np.abs(np.stack(tail, axis=1) - want[1:, 16:]).max()}
+    errors = logit_errors(gpu, cpu)
     for name, err in errors.items():
         print(f"{name:>20}: max |cuda - cpu| logits = {err:.2e}")
     for batch in (1, 64, 256):
@@ -103,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             _, state = gpu.step(step_ids, state)
         seconds = (time.perf_counter() - start) / args.steps
         print(f"batch {batch:>3}: {seconds * 1e6:8.1f} us/step  {batch / seconds:10.0f} chars/s (model only)")
-    ok = all(err < 1e-3 for err in errors.values())
+    ok = all(err < TOLERANCE for err in errors.values())
     runs = []
     for name, rt in ((f"the {args.device} path", gpu), ("the cpu path (reference)", cpu)):
-        seconds, tokens = asyncio.run(_generate(rt, args.streams, args.chars))
+        seconds, tokens = asyncio.run(engine_streams(rt, args.streams, args.chars))
         complete = all(len(t) == args.chars for t in tokens)
         ok = ok and complete
         runs.append(tokens)

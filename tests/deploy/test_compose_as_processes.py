@@ -115,7 +115,8 @@ def test_compose_up_as_local_processes(tmp_path):
             assert f"127.0.0.1:{port}" in ready, ready
 
         artifacts = tmp_path / "volumes" / "artifacts"
-        assert sorted(p.name for p in artifacts.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "model.onnx"]
+        assert sorted(p.name for p in artifacts.iterdir()) == ["checkpoint.pt", "last.pt", "loss.png", "metrics.jsonl",
+                                                               "model.onnx"]
         client = subprocess.run([sys.executable, "-m", "serve.client", "info", "--target", f"127.0.0.1:{port}"],
                                 cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=60)
         assert client.returncode == 0, client.stderr

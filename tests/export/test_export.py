@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -8,7 +9,7 @@ import torch
 
 from export.check import verify
 from export.contract import violations
-from export.to_onnx import rebuild, to_onnx
+from export.to_onnx import ExportError, rebuild, to_onnx
 from support import run_stage
 from train import checkpoint
 
@@ -51,6 +52,7 @@ def test_metadata(text_runs, cell):
     assert meta["state_size"] == str(64 if cell == "lstm" else 32)
     assert meta["steps"] == "5" and meta["corpus"].endswith("tiny.txt")
     assert float(meta["val_loss"]) == pytest.approx(ckpt["summary"]["best_val_loss"], abs=1e-6)
+    assert float(meta["val_loss_windowed"]) == pytest.approx(ckpt["summary"]["best_val_loss_windowed"], abs=1e-6)
     assert meta["torch_version"].startswith("2.13") and meta["exported_at"].endswith("+00:00")
 
 
@@ -108,6 +110,39 @@ def test_contract_violations_are_named(text_runs):
     assert violations(proto) == ["metadata 'vocab' is not a JSON array of distinct single-character strings"]
 
 
+@pytest.mark.parametrize("key, value", [("num_layers", "abc"), ("hidden_size", ""), ("state_size", "-32"),
+                                        ("num_layers", "\u0662"), ("hidden_size", " 32")])
+def test_non_numeric_metadata_is_a_violation_not_a_traceback(text_runs, key, value):
+    proto = onnx.load(str(text_runs["rnn"] / "model.onnx"))
+    for p in proto.metadata_props:
+        if p.key == key:
+            p.value = value
+    assert violations(proto) == [f"metadata '{key}' must be a positive decimal integer, got {value!r}"]
+
+
+def test_a_failure_inside_the_torch_exporter_is_an_export_error(text_runs):
+    ckpt = checkpoint.load(text_runs["gru"])
+    model = rebuild(ckpt)
+    model.config = dataclasses.replace(model.config, num_layers=3)  # its example state no longer fits the GRU
+    with pytest.raises(ExportError, match=r"^RuntimeError: .*hidden"):
+        to_onnx(model, ckpt["vocab"], {})
+
+
+def test_export_reports_an_exporter_failure_in_one_line(tmp_path, tiny_corpus):
+    """A vocabulary ONNX cannot hold (a lone surrogate, as a corpus decoded with surrogateescape gives):
+    exit 1 with the reason, no traceback, nothing written."""
+    run_stage("train", "--corpus", str(tiny_corpus), "--hidden", "8", "--layers", "1", "--steps", "1",
+              "--batch-size", "2", "--seq-len", "8", "--out", str(tmp_path))
+    ckpt = checkpoint.load(tmp_path)
+    ckpt["vocab"][0] = "\udcff"
+    checkpoint.save(tmp_path / checkpoint.FILENAME, {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    proc = run_stage("export", str(tmp_path), check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert f"export: error: {tmp_path}: the exporter failed (UnicodeEncodeError: " in proc.stderr, proc.stderr
+    assert "surrogates not allowed" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "model.onnx").exists()
+
+
 def test_missing_and_corrupt_checkpoint_exit_nonzero(tmp_path):
     proc = run_stage("export", str(tmp_path), check=False)
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr and str(tmp_path) in proc.stderr
@@ -141,3 +176,68 @@ def test_sample_reads_only_the_onnx_file(text_runs, capsys):
     text = sample(str(text_runs["gru"] / "model.onnx"), "it was", 30, 0.8, seed=5)
     again = sample(str(text_runs["gru"] / "model.onnx"), "it was", 30, 0.8, seed=5)
     assert len(text) == 30 and text == again
+
+
+def _copy_run(src, dst, edit=lambda ckpt: None, version=None):
+    """dst/checkpoint.pt: src's checkpoint after edit(ckpt), optionally stamped with another format version."""
+    ckpt = checkpoint.load(src)
+    edit(ckpt)
+    dst.mkdir(parents=True, exist_ok=True)
+    if version is None:
+        checkpoint.save(dst / "checkpoint.pt", {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    else:
+        torch.save({**ckpt, "version": version}, dst / "checkpoint.pt")
+    return dst
+
+
+def test_export_refuses_nonfinite_weights(text_runs, tmp_path):
+    def poison(ckpt):
+        ckpt["model_state"]["head.bias"][2] = float("nan")
+        ckpt["model_state"]["rnn.weight_hh_l0"][0, 0] = float("inf")
+
+    run = _copy_run(text_runs["gru"], tmp_path / "nan", poison)
+    proc = run_stage("export", str(run), check=False)
+    print(proc.stdout + proc.stderr)
+    assert proc.returncode == 1
+    assert "FAIL: weights 'head.bias': 1 of" in proc.stdout and "FAIL: weights 'rnn.weight_hh_l0': 1 of" in proc.stdout
+    assert "not written" in proc.stderr and not (run / "model.onnx").exists()
+
+
+def test_verify_fails_when_onnxruntime_outputs_nan(text_runs):
+    """NaN in the graph alone: every difference is NaN, and `nan > tol` is False; verify must still fail."""
+    ckpt = checkpoint.load(text_runs["gru"])
+    model = rebuild(ckpt)
+    proto = to_onnx(model, ckpt["vocab"], {})
+    for node in proto.graph.initializer:
+        if node.dims == [len(ckpt["vocab"])]:
+            arr = onnx.numpy_helper.to_array(node).copy()
+            arr[:] = np.nan
+            node.CopyFrom(onnx.numpy_helper.from_array(arr, node.name))
+    report = verify(proto, model)
+    assert not report.ok
+    assert any("outputs are not finite" in p for p in report.problems)
+    assert any("max |diff| logits nan" in p for p in report.problems)
+
+
+def test_a_version_1_checkpoint_still_exports(text_runs, tmp_path):
+    def as_version_1(ckpt):  # what the trainer wrote before the windowed protocol existed
+        for key in ("best_val_loss_windowed", "best_val_bpc_windowed", "best_windowed_se", "best_val_bpc",
+                    "train_seconds", "eval_seconds"):
+            ckpt["summary"].pop(key)
+
+    run = _copy_run(text_runs["rnn"], tmp_path / "v1", as_version_1, version=1)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["version"] == 1
+    run_stage("export", str(run))
+    meta = {p.key: p.value for p in onnx.load(str(run / "model.onnx")).metadata_props}
+    assert meta["val_loss_windowed"] == "" and float(meta["val_loss"]) > 0
+
+
+def test_parity_is_relative_to_the_outputs_size_above_one(text_runs):
+    """Logits in the tens of thousands differ by float32 rounding well above 1e-4 and still pass; +1 still fails."""
+    ckpt = checkpoint.load(text_runs["gru"])
+    model = rebuild(ckpt)
+    with torch.no_grad():
+        model.head.weight.mul_(10000.0)
+    report = verify(to_onnx(model, ckpt["vocab"], {}), model)
+    assert max(lo for lo, _ in report.parity.values()) > 1e-4  # an absolute 1e-4 would refuse this file
+    assert report.ok, report.problems

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import grpc
 import pytest
@@ -10,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.ops.version import project_version
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -199,9 +201,8 @@ def test_step_state_is_deterministic(hihell_server):
     assert step(hihell_server, "hih").state == step(hihell_server, "hih").state
 
 
-def test_step_rejects_bad_state(hihell_server, text_server):
+def test_step_rejects_bad_state(hihell_server):
     good = step(hihell_server, "hi").state
-    foreign = step(text_server, "it").state
     flipped = bytearray(good)
     flipped[60] ^= 0x01
     bad_states = {
@@ -210,13 +211,32 @@ def test_step_rejects_bad_state(hihell_server, text_server):
         "padded": good + b"\0",
         "bit flip": bytes(flipped),
         "random": bytes(range(256)) * 2,
-        "foreign model": foreign,
         "text": b"hello",
     }
     for name, state in bad_states.items():
         code, details = status_of(lambda: step(hihell_server, "e", state))
         assert code == INVALID, name
-    assert "another model" in status_of(lambda: step(hihell_server, "e", foreign))[1]
+
+
+def info_of(server) -> pb.ModelInfo:
+    return server.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+
+
+def test_state_from_another_model_is_failed_precondition_naming_the_servers_model(hihell_server, text_server):
+    """Not INVALID_ARGUMENT: the bytes are fine, the client must start its chain again (a rolling deploy)."""
+    foreign = step(text_server, "it").state
+    code, details = status_of(lambda: step(hihell_server, "e", foreign))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"this server runs another model (sha256 {info_of(hihell_server).model_sha256[:12]}...)" in details
+    assert f"(sha256 {info_of(text_server).model_sha256[:12]}...)" in details
+    assert status_of(lambda: step(hihell_server, "e", foreign[:-1]))[0] == INVALID  # a damaged one is broken
+
+
+def test_a_flipped_byte_in_the_states_model_fingerprint_reads_as_another_model(hihell_server):
+    """Documented in the proto: the fingerprint is all there is to tell another model from damage."""
+    damaged = bytearray(step(hihell_server, "hi").state)
+    damaged[20] ^= 0x01  # inside the SHA-256, bytes 8..39
+    assert status_of(lambda: step(hihell_server, "e", bytes(damaged)))[0] == grpc.StatusCode.FAILED_PRECONDITION
 
 
 def test_step_rejects_unknown_characters_and_empty_text(hihell_server):
@@ -235,6 +255,7 @@ def test_model_info(hihell_server, hihell_model):
     assert info.execution_provider == "CPUExecutionProvider"
     assert info.model_sha256 == hashlib.sha256(hihell_model.read_bytes()).hexdigest()
     assert info.corpus == "hihell" and info.producer == "charrnn" and info.max_chars == 1000
+    assert info.project_version == project_version() and re.fullmatch(r"\d+\.\d+\.\d+", info.project_version)
 
 
 def test_lstm_model_info_and_step(lstm_server):

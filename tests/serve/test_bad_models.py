@@ -59,3 +59,34 @@ def test_server_refuses_truncated_onnx(tmp_path, hihell_model):
     path.write_bytes(hihell_model.read_bytes()[:200])
     proc = run_stage("serve", "--model", str(path), check=False, timeout=60)
     assert proc.returncode == 2 and f"{path}: not a loadable ONNX model" in proc.stderr
+
+
+def poisoned(name: str, value: float):
+    """Sets one element of the initializer `name` (a weight of the real exported graph) to `value`."""
+    def change(model: onnx.ModelProto) -> None:
+        for tensor in model.graph.initializer:
+            if tensor.name == name:
+                array = onnx.numpy_helper.to_array(tensor).copy()
+                array.flat[0] = value
+                tensor.CopyFrom(onnx.numpy_helper.from_array(array, name))
+                return
+        raise AssertionError(f"no initializer {name!r}: the exporter's names changed")
+    return change
+
+
+@pytest.mark.parametrize("change, problem", [
+    (poisoned("head.bias", float("nan")), "non-finite outputs (NaN or infinity): 10 of 50 logits values;"),
+    (poisoned("head.bias", float("inf")), "non-finite outputs (NaN or infinity): 10 of 50 logits values;"),
+    # the recurrent bias: the state goes NaN, and the logits computed from it with it
+    (poisoned("onnx::RNN_32", float("nan")), "50 of 50 logits values and 10 of 10 state_out values"),
+])
+def test_server_refuses_a_model_whose_outputs_are_not_finite(tmp_path, hihell_model, change, problem):
+    """A diverged or damaged model would sample token 0 forever with a NaN logprob: refused at start."""
+    model = onnx.load(hihell_model)
+    change(model)
+    path = tmp_path / "nan.onnx"
+    onnx.save(model, path)
+    proc = run_stage("serve", "--model", str(path), check=False, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert f"{path}: test run gave " in proc.stderr and problem in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -30,3 +30,11 @@ def test_serving_benchmark_runs_end_to_end():
     # the engine column: the engine processes' share, n/a where there is none
     assert re.search(r"^\s*ceiling\s+4 streams\s.*\sn/a\s+\S+\s+0$", out, re.M), out
     assert re.search(r"^\s*batched\s+4 streams\s.*\s\d+\.\d\s+\S+\s+0$", out, re.M), out
+
+
+def test_limits_benchmark_measures_refusals_and_freed_slots(text_model):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "limits.py"), "--model", str(text_model),
+                           "--rounds", "3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert re.search(r"refused over capacity: median \d+\.\d ms, worst \d+\.\d ms", proc.stdout)
+    assert re.search(r"slot free after cancel: median \d+\.\d ms, worst \d+\.\d ms", proc.stdout)

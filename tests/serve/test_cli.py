@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from serve.ops.settings import parse
+from serve.ops.version import project_version
 from support import ROOT, run_stage
 
 READY = re.compile(r"^charrnn serving (.+) on (127\.0\.0\.1:\d+) \((\w+ExecutionProvider)\)$")
@@ -68,6 +70,12 @@ def test_client_subcommands(hihell_model):
         assert (first["next"], second["next"]) == ("e", "o") and len(second["top"]) == 2
         info = json.loads(client("info", "--target", target).stdout)
         assert info["vocab"] == ["h", "i", "e", "l", "o"] and info["cell"] == "rnn"
+        assert info["project_version"] == project_version()
+        foreign = bytearray(base64.b64decode(first["state"]))
+        foreign[8:40] = bytes(32)  # the model fingerprint: a state that names another model
+        other = client("step", "--target", target, "h", "--state", base64.b64encode(foreign).decode(), check=False)
+        assert other.returncode == 1 and other.stderr.startswith(
+            f"error: FAILED_PRECONDITION: this server runs another model (sha256 {info['model_sha256'][:12]}...)")
         bad = client("generate", "--target", target, "--prompt", "hix", check=False)
         assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "'x'" in bad.stderr
 

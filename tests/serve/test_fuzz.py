@@ -1,11 +1,14 @@
 """Hypothesis over every request field of the four rpcs and over Step state bytes, against a real server.
 
 Whatever arrives, the answer is OK or a deliberate status (INVALID_ARGUMENT; RESOURCE_EXHAUSTED for
-size limits), never INTERNAL or UNKNOWN, and the server stays healthy. The default suite runs a short
+size limits; FAILED_PRECONDITION for Step state whose header names another model, which a changed
+fingerprint byte does), never INTERNAL or UNKNOWN, and the server stays healthy. The default suite runs a short
 pass; `make test-slow` runs the long one (>= 2000 examples).
 """
 
 from __future__ import annotations
+
+import struct
 
 import grpc
 import pytest
@@ -50,6 +53,16 @@ def mutate(good: bytes, data: st.DataObject) -> bytes:
     return good if kind == "valid" else b""
 
 
+def names_another_model(state: bytes, good: bytes) -> bool:
+    """A whole, self-consistent header whose fingerprint is not the served model's: the one shape of
+    state bytes that may get FAILED_PRECONDITION."""
+    if len(state) < 48:
+        return False
+    magic, version, flags, fingerprint, layers, size = struct.unpack_from("<4sHH32sII", state)
+    return ((magic, version, flags) == (b"CRNS", 1, 0) and len(state) == 48 + 4 * layers * size + 32
+            and fingerprint != good[8:40])
+
+
 def generate_request(data: st.DataObject) -> pb.GenerateRequest:
     request = pb.GenerateRequest(prompt=data.draw(texts), max_chars=data.draw(st.one_of(st.integers(0, 70), UINT32)),
                                  top_k=data.draw(UINT32), stop=data.draw(st.lists(texts, max_size=4)))
@@ -71,8 +84,14 @@ def one_call(server, good: bytes, data: st.DataObject) -> None:
             messages = data.draw(st.lists(st.builds(pb.PredictRequest, text=texts, top_k=UINT32), max_size=4))
             list(stub.Predict(iter(messages), timeout=30))
         elif rpc == "Step":
-            stub.Step(pb.StepRequest(state=mutate(good, data), text=data.draw(texts), top_k=data.draw(UINT32)),
-                      timeout=30)
+            state = mutate(good, data)
+            try:
+                stub.Step(pb.StepRequest(state=state, text=data.draw(texts), top_k=data.draw(UINT32)), timeout=30)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                assert names_another_model(state, good), (state.hex(), error.details())
+                assert "this server runs another model" in error.details()
         else:
             assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30).max_chars == 64
     except grpc.RpcError as error:

@@ -22,11 +22,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from live import LiveServer
 
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.api.pb.inference import grpc_service_pb2 as inference_pb
+from serve.api.pb.inference import grpc_service_pb2_grpc as inference_grpc
 from serve.ops.settings import Settings, parse
 from support import ROOT
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-NAMES = ("", "charrnn.v1.CharRNN", "liveness")
+READINESS = ("", "charrnn.v1.CharRNN", "inference.GRPCInferenceService")
+NAMES = (*READINESS, "liveness")
 
 
 def settings(model: Path, **overrides: object) -> Settings:
@@ -59,6 +62,14 @@ class Watch:
         self._thread.join(timeout=10)
 
 
+def kserve_ready(channel: grpc.Channel) -> tuple[bool, bool]:
+    """KServe's own probes (ServerReady, ModelReady), which must agree with gRPC health."""
+    stub = inference_grpc.GRPCInferenceServiceStub(channel)
+    server = stub.ServerReady(inference_pb.ServerReadyRequest(), timeout=5).ready
+    model = stub.ModelReady(inference_pb.ModelReadyRequest(name="charrnn"), timeout=5).ready
+    return server, model
+
+
 def wait_for(condition, what: str, limit: float = 60.0) -> None:
     deadline = time.monotonic() + limit
     while not condition():
@@ -88,7 +99,8 @@ def test_health_turns_not_serving_while_a_killed_engine_is_replaced(text_model):
     watches = {name: Watch(live.channel, name) for name in NAMES}
     try:
         engine = live.server.engine
-        assert [check(live.channel, name) for name in NAMES] == [SERVING] * 3
+        assert [check(live.channel, name) for name in NAMES] == [SERVING] * len(NAMES)
+        assert kserve_ready(live.channel) == (True, True)
         streams = [long_stream(live) for _ in range(8)]
         os.kill(engine.proc.pid, signal.SIGKILL)
         for stream in streams:
@@ -96,8 +108,9 @@ def test_health_turns_not_serving_while_a_killed_engine_is_replaced(text_model):
             assert error.code() == grpc.StatusCode.UNAVAILABLE and "exited unexpectedly" in error.details()
         wait_for(lambda: engine.stats["restarts"] == 1, "the engine process was not replaced")
         wait_for(lambda: all(w.statuses[-1] == SERVING for w in watches.values()), "health did not come back")
-        for name in ("", "charrnn.v1.CharRNN"):
+        for name in READINESS:
             assert watches[name].statuses == [SERVING, NOT_SERVING, SERVING], name
+        assert kserve_ready(live.channel) == (True, True)
         assert watches["liveness"].statuses == [SERVING]  # it could recover all along
         assert len(list(live.stub.Generate(pb.GenerateRequest(prompt="it", max_chars=30), timeout=30))) == 30
     finally:
@@ -185,11 +198,12 @@ def test_liveness_holds_while_restarts_fail_then_the_server_exits_non_zero(text_
         assert match, f"no ready line: {line!r}"
         pid = engine_process_of(proc.pid)
         with grpc.insecure_channel(match.group(1)) as channel:
-            assert [check(channel, name) for name in NAMES] == [SERVING] * 3
+            assert [check(channel, name) for name in NAMES] == [SERVING] * len(NAMES)
             marker.touch()
             os.kill(pid, signal.SIGKILL)
             wait_for(lambda: check(channel, "") == NOT_SERVING, "readiness stayed SERVING")
-            assert check(channel, "charrnn.v1.CharRNN") == NOT_SERVING
+            assert [check(channel, name) for name in READINESS[1:]] == [NOT_SERVING] * 2
+            assert kserve_ready(channel) == (False, False)  # KServe's probes say what health says
             assert check(channel, "liveness") == SERVING  # restarts are still being tried
         assert proc.wait(timeout=60) == 1
         stderr = proc.stderr.read()

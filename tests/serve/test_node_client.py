@@ -15,6 +15,7 @@ import subprocess
 import pytest
 
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
+from serve.ops.version import project_version
 from support import ROOT
 
 NODE_DIR = ROOT / "clients" / "node"
@@ -56,6 +57,7 @@ def test_info(hihell_server):
     assert len(info) == 1
     assert info[0]["vocab"] == ["h", "i", "e", "l", "o"] and info[0]["cell"] == "rnn"
     assert info[0]["max_chars"] == hihell_server.settings.max_chars
+    assert info[0]["project_version"] == project_version()
 
 
 @pytest.mark.parametrize("per_char", [False, True], ids=["one-message", "six-messages"])
@@ -97,11 +99,15 @@ def test_seeded_generate_reproduces_and_matches_python(hihell_server):
     assert "".join(r.text for r in hihell_server.stub.Generate(request)) == first
 
 
-def _invalid(proc: subprocess.CompletedProcess) -> str:
+def _error(proc: subprocess.CompletedProcess, code: int, name: str) -> str:
     assert proc.returncode == 1 and proc.stdout == "", proc.stderr
     error = json.loads(proc.stderr)["error"]
-    assert (error["code"], error["name"]) == (3, "INVALID_ARGUMENT")
+    assert (error["code"], error["name"]) == (code, name)
     return error["details"]
+
+
+def _invalid(proc: subprocess.CompletedProcess) -> str:
+    return _error(proc, 3, "INVALID_ARGUMENT")
 
 
 @pytest.mark.parametrize("args, says", [
@@ -123,3 +129,12 @@ def test_forged_state_is_invalid_argument(hihell_server):
     forged = base64.b64encode(bytes(state)).decode()
     assert "state" in _invalid(node("step-chain", "h", "--state", forged, "--target", hihell_server.target,
                                     check=False))
+
+
+def test_state_from_another_model_is_failed_precondition(hihell_server, text_server):
+    """What a client sees mid rolling deploy: a status of its own, naming the model the server runs."""
+    foreign = base64.b64encode(text_server.stub.Step(pb.StepRequest(text="it"), timeout=10).state).decode()
+    sha = hihell_server.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).model_sha256
+    details = _error(node("step-chain", "h", "--state", foreign, "--target", hihell_server.target, check=False),
+                     9, "FAILED_PRECONDITION")
+    assert f"this server runs another model (sha256 {sha[:12]}...)" in details

@@ -89,6 +89,33 @@ def test_contract_violations_name_the_file_and_problem(tmp_path, change, problem
     assert str(path) in str(caught.value) and problem in str(caught.value)
 
 
+@pytest.mark.parametrize("row, value, problem", [
+    (2, np.nan, "2 of 18 logits values"),  # only character 'c' is damaged: every character is tried
+    (0, -np.inf, "2 of 18 logits values"),
+])
+def test_non_finite_logits_are_refused(tmp_path, row, value, problem):
+    path = bigram_model(tmp_path / "m.onnx")
+    model = onnx.load(path)
+    table = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    table[row, 0] = value
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(table, "table"))
+    onnx.save(model, path)
+    with pytest.raises(ModelError) as caught:
+        Runtime(path, "cpu")
+    assert str(path) in str(caught.value) and f"non-finite outputs (NaN or infinity): {problem};" in str(caught.value)
+
+
+def test_a_non_finite_state_is_refused_though_the_logits_are_finite(tmp_path):
+    path = bigram_model(tmp_path / "m.onnx")
+    model = onnx.load(path)
+    model.graph.initializer.append(numpy_helper.from_array(np.array(np.inf, np.float32), "inf"))
+    state_node = next(n for n in model.graph.node if n.op_type == "Identity")
+    state_node.CopyFrom(helper.make_node("Mul", ["state_in", "inf"], ["state_out"]))  # 0 * inf = NaN
+    onnx.save(model, path)
+    with pytest.raises(ModelError, match=r"non-finite outputs \(NaN or infinity\): 16 of 16 state_out values;"):
+        Runtime(path, "cpu")
+
+
 def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(ModelError, match="cannot read"):
         Runtime(tmp_path / "nope.onnx", "cpu")

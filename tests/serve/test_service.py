@@ -29,7 +29,7 @@ class FakeEngine:
 
 def service() -> tuple[CharRNNService, FakeEngine]:
     engine = FakeEngine()
-    return CharRNNService(engine, "CPUExecutionProvider", max_chars=100), engine  # type: ignore[arg-type]
+    return CharRNNService(engine, "CPUExecutionProvider", max_chars=100, version="0.0.0"), engine  # type: ignore[arg-type]
 
 
 floats = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True, width=32))

@@ -57,6 +57,7 @@ def test_the_fixed_names_and_numbers():
     assert _fields(pb.StepRequest) == dict(state=1, text=2, top_k=3)
     assert _fields(pb.StepResponse) == dict(state=1, next=2, probability=3, top=4)
     assert _fields(pb.ModelInfo)["vocab"] == 1
+    assert _fields(pb.ModelInfo)["project_version"] == 15
     assert {"cell", "num_layers", "hidden_size", "state_size", "execution_provider", "model_sha256"} <= set(
         _fields(pb.ModelInfo))
     assert dict(pb.FinishReason.items()) == dict(FINISH_REASON_UNSPECIFIED=0, FINISH_REASON_LENGTH=1,

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from serve.errors import ConfigError
 from serve.ops.version import CHANGELOG, project_version
 
 
@@ -19,9 +20,9 @@ def test_the_version_is_the_newest_release_heading_of_the_changelog():
 def test_a_changelog_without_a_release_or_missing_is_a_clear_error(tmp_path):
     empty = tmp_path / "CHANGELOG.md"
     empty.write_text("# Changelog\n\n## Unreleased\n- nothing yet\n", encoding="utf-8")
-    with pytest.raises(RuntimeError, match="no release heading"):
+    with pytest.raises(ConfigError, match="no release heading"):
         project_version(empty)
-    with pytest.raises(RuntimeError, match="images must copy CHANGELOG.md"):
+    with pytest.raises(ConfigError, match="images must copy CHANGELOG.md"):
         project_version(tmp_path / "absent.md")
 
 

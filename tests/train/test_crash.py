@@ -19,11 +19,12 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path, tiny_corp
     mid_save = 0
     for _ in range(ROUNDS):
         stale = set(out.glob("checkpoint.pt.*.tmp"))  # left by the previous round's kill
-        # a model of a few MB saved after every step it improves: saves take long enough to be hit
+        # a model of a few MB saved after every step it improves: saves take long enough to be hit;
+        # --resume auto: the second round continues the killed run from its last.pt
         proc = subprocess.Popen(
             [sys.executable, "-m", "train", "--corpus", str(tiny_corpus), "--out", str(out), "--cell", "gru",
              "--layers", "2", "--hidden", "256", "--batch-size", "4", "--seq-len", "16", "--eval-every", "1",
-             "--steps", "100000", "--time-budget", "120"],
+             "--steps", "100000", "--time-budget", "120", "--resume", "auto"],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 90

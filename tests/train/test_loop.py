@@ -1,4 +1,6 @@
 import json
+import math
+import re
 
 import pytest
 import torch
@@ -55,8 +57,15 @@ def test_validation_metrics_and_best_checkpoint(tmp_path, tiny_corpus):
     summary = _train(tmp_path, tiny_corpus, steps=20)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     vals = [r for r in records if r["event"] == "val"]
-    assert [r["step"] for r in vals] == [5, 10, 15, 20]
+    assert [r["step"] for r in vals] == [0, 5, 10, 15, 20]  # step 0: the untrained model, for reference
     assert summary["best_val_loss"] == min(r["val_loss"] for r in vals)
+    for r in vals:  # both protocols at every validation, in nats and bits per character
+        assert r["val_bpc"] == pytest.approx(r["val_loss"] / math.log(2))
+        assert r["val_bpc_windowed"] == pytest.approx(r["val_loss_windowed"] / math.log(2))
+        assert r["windowed_se"] <= 0.005 and r["windows"] >= 1 and r["eval_seconds"] >= 0
+    best = next(r for r in vals if r["step"] == summary["best_step"])
+    assert summary["best_val_loss_windowed"] == best["val_loss_windowed"]
+    assert summary["best_val_bpc"] == pytest.approx(summary["best_val_loss"] / math.log(2))
     assert records[-1]["event"] == "done"
     assert any(r["event"] == "train" for r in records)
     saved = checkpoint.load(tmp_path)["summary"]
@@ -108,3 +117,23 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"weights": 1}, tmp_path / "checkpoint.pt")
     with pytest.raises(checkpoint.CheckpointError, match="not a charrnn checkpoint"):
         checkpoint.load(tmp_path)
+
+
+def test_a_nonfinite_loss_stops_training_and_keeps_the_last_good_checkpoints(tmp_path, tiny_corpus):
+    # Adam at lr 1e30 with no clipping: the weights overflow within a few steps
+    proc = run_stage("train", "--corpus", str(tiny_corpus), "--hidden", "32", "--layers", "1", "--batch-size", "4",
+                     "--seq-len", "16", "--steps", "50", "--eval-every", "1000", "--lr", "1e30", "--grad-clip", "0",
+                     "--schedule", "constant", "--out", str(tmp_path), check=False)
+    print(proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 1, proc.stderr
+    found = re.search(r"train: error: step (\d+): the training loss is (nan|inf); training stopped\. Kept: "
+                      rf"{re.escape(str(tmp_path / 'checkpoint.pt'))} \(best validation, step 0\), "
+                      rf"{re.escape(str(tmp_path / 'last.pt'))} \(latest, step 0\)", proc.stderr)
+    assert found, proc.stderr
+    assert 1 <= int(found.group(1)) < 50 and "Traceback" not in proc.stderr
+    for name in (checkpoint.FILENAME, checkpoint.LAST):
+        weights = checkpoint.load(tmp_path, name)["model_state"]
+        assert all(torch.isfinite(w).all() for w in weights.values())
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["event"] == "diverged" and last["step"] == int(found.group(1))
+    run_stage("export", str(tmp_path))  # what was kept still exports

@@ -90,6 +90,10 @@ class CharRNNServicer:
         """Stateless prediction: the client carries the recurrent state between calls as opaque bytes.
         A chain of Step calls, each passing on the previous response's state, gives the same predictions
         as one Predict call over the concatenated text.
+        Errors: FAILED_PRECONDITION when the state belongs to another model than the one this server runs
+        (e.g. a replica on the new model during a rolling deploy; the message gives the server's model
+        SHA-256 prefix): start the chain again with empty state. INVALID_ARGUMENT for bad text and for
+        state that is truncated, corrupted, random or forged (see StepRequest.state).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,100 @@
+"""The run folder: which files are the trainer's, refusing to train over a run by accident, --overwrite,
+and whether last.pt belongs to the run being asked for (--resume may change only the budget)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train import checkpoint
+
+METRICS = "metrics.jsonl"
+PLOT = "loss.png"
+# Never model.onnx: export writes it, and a running server may be reading it.
+TRAINER_FILES = (checkpoint.FILENAME, checkpoint.LAST, METRICS, PLOT)
+BUDGET = ("steps", "epochs", "time_budget")
+# Settings that change nothing a resumed run computes: where it runs and where it writes.
+OPERATIONAL = ("out", "device")
+
+
+class RunDirError(ValueError):
+    """The run folder does not hold what was asked for (a used folder, an incompatible last.pt)."""
+
+
+def held(out: Path) -> list[str]:
+    """The trainer's files present in out, in TRAINER_FILES order."""
+    return [name for name in TRAINER_FILES if (Path(out) / name).exists()]
+
+
+def clear(out: Path) -> list[str]:
+    """--overwrite: remove the trainer's files and the temporary files of interrupted saves."""
+    out = Path(out)
+    removed = held(out)
+    for name in removed:
+        (out / name).unlink()
+    for name in TRAINER_FILES:
+        for tmp in out.glob(f"{name}.*.tmp"):
+            tmp.unlink()
+    return removed
+
+
+def refuse_used(out: Path, files: list[str]) -> RunDirError:
+    return RunDirError(
+        f"{out} already holds a run ({', '.join(files)}); pass --resume to continue it, or --overwrite to "
+        f"replace it (model.onnx is left alone)")
+
+
+def corpus_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def mismatches(saved: dict, sha256: str, vocab: tuple[str, ...], model_config: dict, train_config: dict) -> list[str]:
+    """What differs between last.pt and the run asked for, other than the budget and where it runs."""
+    problems = []
+    if saved.get("corpus_sha256") != sha256:
+        problems.append("the corpus text differs (SHA-256 "
+                        f"{str(saved.get('corpus_sha256'))[:12]}... there, {sha256[:12]}... here)")
+    if list(saved["vocab"]) != list(vocab):
+        problems.append("the vocabulary differs")
+    for key, value in model_config.items():
+        if saved["model_config"].get(key) != value:
+            problems.append(f"model {key}: {saved['model_config'].get(key)!r} there, {value!r} here")
+    for key, value in train_config.items():
+        if key in BUDGET or key in OPERATIONAL:
+            continue
+        if saved["train_config"].get(key) != value:
+            problems.append(f"{key}: {saved['train_config'].get(key)!r} there, {value!r} here")
+    return problems
+
+
+def config_dict(cfg: object) -> dict:
+    """A dataclass config as builtins only (paths as strings), as checkpoints store it."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+
+
+def rng_states() -> dict:
+    """Every RNG a run may draw from, as tensors and builtins (last.pt loads with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = states["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
