@@ -45,10 +45,11 @@ class ServerProcess:
     """A server subprocess, ready when constructed (`target` is its address); stderr goes to a temporary
     file, never a pipe nobody reads, and its tail is in the error when the server does not start."""
 
-    def __init__(self, name: str, argv: list[str], timeout: float = 60.0) -> None:
+    def __init__(self, name: str, argv: list[str], timeout: float = 60.0, cwd: Path = ROOT) -> None:
         self.name = name
         self._stderr = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        # cwd: the checkout whose `python -m serve` runs (bench/serve.py --before runs an older one).
+        self.proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
         self.pid = self.proc.pid
         deadline = time.monotonic() + timeout
         line = ""

@@ -3,6 +3,7 @@ transport ceiling, measured side by side in one run on one machine, plus onnxrun
 
     .venv/bin/python bench/serve.py                        # GRU 2x256, vocab 65 (random weights), 64 and 1 streams
     .venv/bin/python bench/serve.py --model runs/demo/model.onnx --checkpoint runs/demo --streams 64 --chars 300
+    git worktree add /tmp/before 072a717 && .venv/bin/python bench/serve.py --before /tmp/before --only batched,before
 
 All servers start first and stay up; then every round runs each load against each server in turn, so
 that what a shared machine does to its speed minute by minute lands on all of them alike. Each ratio is
@@ -15,6 +16,10 @@ the client process, which is where the time goes.
 process, sharing its GIL) for comparison with the default engine process. "model skipped"
 (bench/model_skipped.py) is the real server with its model call replaced by a constant: next to the
 ceiling and the real server it shows how much of the gap is the model's compute.
+
+"before" (with --before CHECKOUT) is the same batched server run from another checkout of this
+repository, e.g. the commit before a change, with this environment's Python: "batched / before" says
+what the change did to speed, measured in the same rounds as everything else.
 
 Speed does not depend on the weights, so by default a freshly initialised model of the issue's size is
 exported to a temporary folder.
@@ -114,7 +119,12 @@ def main() -> int:
                    help="also measure N server processes on one port (--workers); 1 = skip")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads in the server")
     p.add_argument("--event-loop", default="auto", help="the servers' and the ceiling's --event-loop")
+    p.add_argument("--before", type=Path, help="another checkout of this repository (e.g. a git worktree of the "
+                   "commit before a change): its batched server is measured as 'before'")
+    p.add_argument("--only", help="comma-separated server names to measure (e.g. batched,before); default: all")
     args = p.parse_args()
+    if args.before is not None and not (args.before / "serve" / "__main__.py").is_file():
+        p.error(f"--before {args.before}: not a checkout of this repository (no serve/__main__.py)")
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
@@ -130,10 +140,19 @@ def main() -> int:
             "thread engine": (serve + ["--engine", "thread"], 1),
             "model skipped": ([sys.executable, str(ROOT / "bench" / "model_skipped.py"), *flags], 1),
         }
+        if args.before is not None:
+            configs["before"] = (serve, 1)
         if args.workers > 1:  # SO_REUSEPORT spreads connections, so both sides of this pair use several
             conns = 2 * args.workers
             configs[f"batched, {conns} conns"] = (serve, conns)
             configs[f"x{args.workers} procs, {conns} conns"] = (serve + ["--workers", str(args.workers)], conns)
+        if args.only:
+            wanted = [name.strip() for name in args.only.split(",")]
+            unknown = [name for name in wanted if name not in configs]
+            if unknown:
+                p.error(f"--only: unknown server {', '.join(unknown)}; choose from {', '.join(configs)}")
+            configs = {name: configs[name] for name in wanted}
+        cwd = {"before": args.before} if args.before is not None else {}
         loads = [(args.streams, args.chars), (1, args.one_stream_chars)]
         print(f"cpus {os.cpu_count()}; model {args.model}; {args.streams} streams x {args.chars} chars and "
               f"1 stream x {args.one_stream_chars} chars; {args.rounds} rounds", flush=True)
@@ -142,7 +161,7 @@ def main() -> int:
         results: dict[tuple[str, int], list[dict]] = {(name, n): [] for name in configs for n, _ in loads}
         try:
             for name, (argv, conns) in configs.items():
-                servers[name] = ServerProcess(name, argv)
+                servers[name] = ServerProcess(name, argv, cwd=cwd.get(name, ROOT))
                 load(servers[name].target, 4, 20, conns)  # warm-up: connections, onnxruntime arenas, code paths
             for _ in range(args.rounds):
                 for name, (_, conns) in configs.items():
@@ -174,16 +193,18 @@ def main() -> int:
 
         n = args.streams
         print("\nratios (chars/s, within each round; median and range over rounds):")
-        print(f"  batched / ceiling,   {n} streams: {ratio('batched', 'ceiling', n)}  target >= 0.7")
-        print(f"  batched / unbatched, {n} streams: {ratio('batched', 'unbatched', n)}  target >= 2")
-        print(f"  batched / ceiling,    1 stream:  {ratio('batched', 'ceiling', 1)}  target >= 0.5")
-        print(f"  thread engine / ceiling, {n} streams: {ratio('thread engine', 'ceiling', n)}")
-        print(f"  thread engine / ceiling,  1 stream:  {ratio('thread engine', 'ceiling', 1)}")
-        print(f"  model skipped / ceiling, {n} streams: {ratio('model skipped', 'ceiling', n)}")
-        print(f"  model skipped / ceiling,  1 stream:  {ratio('model skipped', 'ceiling', 1)}")
+        pairs = [("batched", "ceiling", n, "  target >= 0.7"), ("batched", "unbatched", n, "  target >= 2"),
+                 ("batched", "ceiling", 1, "  target >= 0.5"),
+                 ("thread engine", "ceiling", n, ""), ("thread engine", "ceiling", 1, ""),
+                 ("model skipped", "ceiling", n, ""), ("model skipped", "ceiling", 1, ""),
+                 ("batched", "before", n, "  target >= 0.95"), ("batched", "before", 1, "  target >= 0.95")]
         if args.workers > 1:
-            multi, single = list(configs)[-1], list(configs)[-2]
-            print(f"  {multi} / {single}, {n} streams: {ratio(multi, single, n)}")
+            pairs.append((f"x{args.workers} procs, {2 * args.workers} conns", f"batched, {2 * args.workers} conns",
+                          n, ""))
+        for a, b, streams, target in pairs:
+            if a in configs and b in configs:
+                label = f"{a} / {b}, {streams} stream{'s' if streams > 1 else ''}:"
+                print(f"  {label:<44} {ratio(a, b, streams)}{target}")
 
         print("\nstep latency, seq 1, one thread (median):")
         latency = step_latency(args.model, args.checkpoint, (1, n), 300)
@@ -191,7 +212,7 @@ def main() -> int:
             print(f"  batch {batch:>3}: onnxruntime {ort_s * 1e6:7.1f} us ({batch / ort_s:8.0f} chars/s), "
                   f"PyTorch eager {torch_s * 1e6:7.1f} us; onnxruntime {torch_s / ort_s:.1f}x faster")
 
-        ceiling_cpu = [median("ceiling", s, "server_us") for s in (n, 1)]
+        ceiling_cpu = [median("ceiling", s, "server_us") for s in (n, 1)] if "ceiling" in configs else [None]
         if None not in ceiling_cpu:
             # When the client shares the cores, a server cannot beat the ceiling by more than the CPU it adds.
             model_us = latency[n][0] / n * 1e6

@@ -22,14 +22,36 @@ def test_serving_benchmark_runs_end_to_end():
             row = re.search(rf"^\s*{re.escape(name)}\s+{load}\s+(\d+)\s.*\s(\d+)$", out, re.M)
             assert row, f"no {name!r} {load!r} row in:\n{out}"
             assert int(row.group(1)) > 0 and row.group(2) == "0"  # chars/s, errors
-    assert "batched / ceiling,   4 streams:" in out and "(rounds " in out
-    assert re.search(r"x2 procs, 4 conns / batched, 4 conns, 4 streams: \d", out)
+    assert re.search(r"batched / ceiling, 4 streams:\s+\d+\.\d\d  \(rounds ", out), out
+    assert re.search(r"x2 procs, 4 conns / batched, 4 conns, 4 streams:\s+\d", out), out
     assert "batch   4: onnxruntime" in out
     assert re.search(r"caps batched / ceiling near \d", out)
     assert re.search(r"could not pass batched / ceiling = \d", out)
     # the engine column: the engine processes' share, n/a where there is none
     assert re.search(r"^\s*ceiling\s+4 streams\s.*\sn/a\s+\S+\s+0$", out, re.M), out
     assert re.search(r"^\s*batched\s+4 streams\s.*\s\d+\.\d\s+\S+\s+0$", out, re.M), out
+
+
+def test_serving_benchmark_compares_another_checkout(tmp_path):
+    """--before runs the batched server of another checkout in the same rounds (here: this one, copied)."""
+    before = tmp_path / "before"
+    subprocess.run(["git", "worktree", "add", "--detach", str(before), "HEAD"], cwd=ROOT, check=True,
+                   capture_output=True)
+    try:
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--hidden", "32", "--streams", "4",
+                               "--chars", "20", "--one-stream-chars", "20", "--rounds", "2", "--workers", "1",
+                               "--before", str(before), "--only", "batched,before"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT, capture_output=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    for streams in ("4 streams:", "1 stream:"):
+        assert re.search(rf"batched / before, {streams}\s+\d+\.\d\d  \(rounds .*target >= 0.95", proc.stdout), \
+            proc.stdout
+    assert not re.search(r"^\s*ceiling\s", proc.stdout, re.M)  # --only left it out
+    refused = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--before", str(tmp_path)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "not a checkout of this repository" in refused.stderr
 
 
 def test_limits_benchmark_measures_refusals_and_freed_slots(text_model):
