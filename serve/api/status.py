@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 
-from serve.errors import (EngineFailure, InvalidArgument, ModelError, NotFound, ResourceExhausted, ServeError,
-                          StateFromAnotherModel, Unauthenticated, Unavailable)
+from serve.errors import (EngineFailure, InvalidArgument, ModelChanged, ModelError, NotFound, ResourceExhausted,
+                          ServeError, StateFromAnotherModel, Unauthenticated, Unavailable)
 
 _STATUS: dict[type[ServeError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -15,6 +15,7 @@ _STATUS: dict[type[ServeError], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     ModelError: grpc.StatusCode.FAILED_PRECONDITION,
     NotFound: grpc.StatusCode.NOT_FOUND,
+    ModelChanged: grpc.StatusCode.FAILED_PRECONDITION,
     StateFromAnotherModel: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
