@@ -37,6 +37,11 @@ class ModelError(ServeError):
         self.problem = problem
 
 
+class ModelChanged(ServeError):
+    """The request continues something the server held for another model file than the one it serves
+    now (a KServe sequence started before a reload): the client must start over."""
+
+
 class DeviceError(ServeError):
     """The requested execution device is not available (start-up only)."""
 

@@ -3,6 +3,7 @@
     python -m train --corpus hihell --out runs/hihell           # the seed lesson, seconds
     python -m train --time-budget 180 --out runs/demo           # the embedded corpus, 3 minutes
     python -m train --corpus tinyshakespeare --cell lstm --layers 2 --hidden 512 --steps 5000 --out runs/ts
+    torchrun --standalone --nproc-per-node 2 -m train --out runs/ddp   # data-parallel: B streams shared out
 
 Every option left unset takes the corpus preset's value: the seed lesson's own settings for `hihell`
 (one-hot input, one nn.RNN layer of 5, Adam lr 0.1, 100 epochs, seed 777), else those in PRESETS['text'].
@@ -23,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from train import distributed
 from train.checkpoint import FILENAME, CheckpointError
 from train.data import DEFAULT_CACHE, CorpusError, load_corpus
 from train.loop import Diverged, RunOptions, TrainConfig, train
@@ -92,8 +93,15 @@ def parser() -> argparse.ArgumentParser:
                    help="a progress line every N steps when stderr is not a terminal")
     t.add_argument("--seed", type=int)
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    t.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                   help="CPU threads for torch (default: half the cores; OpenMP threads that share a core "
+    t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: autocast the training step (CUDA: cell and projection; CPU: the projection "
+                        "only); weights, optimizer, carried state and validation stay float32")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model for training (CUDA only)")
+    t.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, let float32 matmuls use TF32 tensor cores (default on; no effect on the CPU)")
+    t.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch per process (default: under torchrun the cores // the node's "
+                        "processes; alone, half the cores: OpenMP threads that share a core "
                         "with other work spin-wait and ran 30x slower on our 2-core machines)")
     b = p.add_argument_group("budget (the first reached ends training; none given = 1 epoch; "
                              "--resume may raise it)")
@@ -124,7 +132,7 @@ def configs(args: argparse.Namespace, vocab_size: int) -> tuple[ModelConfig, Tra
         warmup_steps=pick("warmup_steps"), grad_clip=pick("grad_clip"), steps=args.steps,
         epochs=epochs,
         time_budget=args.time_budget, val_fraction=pick("val_fraction"), eval_every=args.eval_every,
-        seed=pick("seed"), device=args.device,
+        seed=pick("seed"), device=args.device, dtype=args.dtype, compile=args.compile, tf32=args.tf32,
     )
     return model_cfg, train_cfg
 
@@ -136,21 +144,23 @@ def run_options(args: argparse.Namespace) -> RunOptions:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+    world = distributed.from_env()
+    logging.basicConfig(level=logging.WARNING if args.quiet or not world.main else logging.INFO,
                         format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(max(1, args.threads or distributed.default_threads(world)))
     try:
         corpus = load_corpus(args.corpus, args.cache_dir)
         model_cfg, train_cfg = configs(args, len(corpus.vocab))
-        summary = train(corpus, model_cfg, train_cfg, run_options(args))
+        summary = train(corpus, model_cfg, train_cfg, run_options(args), world)
     except Diverged as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 1
     except (CorpusError, CheckpointError, ValueError, RuntimeError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
-    print(report(summary, args.out / FILENAME))
-    return int(summary["exit_code"])
+    if world.main:
+        print(report(summary, args.out / FILENAME))
+    return summary["exit_code"]
 
 
 def report(summary: dict[str, Any], path: Path) -> str:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -15,13 +17,15 @@ from typing import Any, NoReturn
 import torch
 import torch.nn.functional as F
 
-from train import checkpoint, plot, progress, rundir
+from train import checkpoint, distributed, plot, progress, rundir
 from train.data import Corpus, split, streams
+from train.distributed import World
 from train.evaluate import LN2, evaluate
 from train.model import CharRNN, ModelConfig
 from train.signals import StopRequests
 
 log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,13 @@ class TrainConfig:
     window_se: float = 0.005  # the windowed protocol reads windows until its standard error is this small
     seed: int = 1337
     device: str = "auto"
+    dtype: str = "float32"  # bfloat16: autocast the training step (evaluation and the weights stay float32)
+    compile: bool = False  # torch.compile the training step's module (CUDA only)
+    tf32: bool = True  # on CUDA, float32 matmuls may use TF32 tensor cores (10 mantissa bits: ample for SGD)
 
     def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"optimizer must be adam or adamw, got {self.optimizer!r}")
         if self.schedule not in ("cosine", "constant"):
@@ -117,6 +126,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _device(name: str, world: World) -> torch.device:
+    """Under torchrun each rank of a node takes the GPU of its local rank."""
+    device = resolve_device(name)
+    return torch.device("cuda", world.local_rank) if device.type == "cuda" and world.size > 1 else device
+
+
 class _Budget:
     """Progress in [0, 1] towards whichever budget ends first; drives both stopping and the schedule.
     Time counts training steps only, so evaluation never eats into --time-budget."""
@@ -183,34 +198,82 @@ def _open_folder(out: Path, run: RunOptions, sha256: str, corpus: Corpus, model_
 class _Run:
     """One training session over a run folder: the model, its optimizer and where the loop stands."""
 
-    def __init__(self, corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions) -> None:
-        self.corpus, self.model_cfg, self.cfg, self.run = corpus, model_cfg, cfg, run
+    def __init__(self, corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions,
+                 world: World) -> None:
+        self.corpus, self.model_cfg, self.cfg, self.run, self.world = corpus, model_cfg, cfg, run, world
         self.out = Path(cfg.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.device = resolve_device(cfg.device)
+        if cfg.batch_size % world.size:
+            raise ValueError(f"--batch-size {cfg.batch_size} does not divide among {world.size} processes: each "
+                             "takes an equal contiguous share of the streams (global batch = --batch-size)")
+        self.device = _device(cfg.device, world)
+        if cfg.compile and self.device.type != "cuda":
+            raise ValueError("--compile is supported on CUDA only (on the CPU it is untested here, and inductor "
+                             "needs a C++ toolchain); drop it, or train with --device cuda")
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.tf32
+        # autocast in bfloat16: on CUDA the recurrent cell and the projection; on the CPU only what CPU autocast
+        # lists (the projection), the cell stays float32. No gradient scaler: bfloat16 has float32's range.
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+        if world.main:
+            self.out.mkdir(parents=True, exist_ok=True)
         self.sha256 = rundir.corpus_sha256(corpus.text)
         self.ids = corpus.encode(corpus.text)
         train_ids, val_ids = split(self.ids, cfg.val_fraction)
         self.train_chars = len(train_ids)
         self.val_ids = val_ids if len(val_ids) >= 2 else None  # the seed lesson has none: keep the last weights
-        self.inputs, self.targets = streams(train_ids, cfg.batch_size)  # may refuse the text: before any file
-        self.saved = _open_folder(self.out, run, self.sha256, corpus, model_cfg, cfg)
+        inputs, targets = streams(train_ids, cfg.batch_size)  # may refuse the text: before any file
+        self.rows = world.share(cfg.batch_size)  # equal shares: the batch divides among the ranks
+        self.inputs, self.targets = inputs[self.rows], targets[self.rows]  # this rank's contiguous streams
+        self.saved = self._open(corpus, model_cfg)
         self.metrics = self.out / rundir.METRICS
 
         torch.manual_seed(cfg.seed)
         self.windows = math.ceil(self.inputs.shape[1] / cfg.seq_len)  # per epoch
         self.budget = _Budget(cfg, self.windows)
         self.model = CharRNN(self.model_cfg).to(self.device)
+        self.net: Callable[..., Any] = self.model  # what the training step calls: the DDP wrapper under torchrun
+        if world.size > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model)  # averages gradients in backward
+            torch.manual_seed(cfg.seed + world.rank)  # the same initial weights, but each rank its own dropout
+        if cfg.compile:
+            self.net = torch.compile(self.net)
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         decay = cfg.weight_decay if cfg.optimizer == "adamw" else 0.0
-        self.optimizer = opt_cls(self.model.parameters(), lr=cfg.lr, weight_decay=decay)
+        # fused: one kernel for the whole update on CUDA; the CPU keeps the default (foreach) path, whose
+        # results the exact-resume tests pin
+        fused: dict[str, Any] = {"fused": True} if cuda else {}
+        self.optimizer = opt_cls(self.model.parameters(), lr=cfg.lr, weight_decay=decay, **fused)
         self.pos = Position()
-        self.state = self.model.init_state(cfg.batch_size, self.device)
+        self.state = self.model.init_state(len(self.inputs), self.device)
         self.started = time.monotonic()
         self.interrupted: str | None = None
 
     # --- files -------------------------------------------------------------------------------------
-    def emit(self, record: dict[str, Any]) -> None:
+    def _open(self, corpus: Corpus, model_cfg: ModelConfig) -> dict | None:
+        """Rank 0 applies --overwrite / --resume and hands every rank its verdict (and last.pt, so that no
+        other node needs to see the run folder)."""
+        failure, saved = None, None
+        if self.world.main:
+            try:
+                saved = _open_folder(self.out, self.run, self.sha256, corpus, model_cfg, self.cfg)
+                ranks = 1 if saved is None else saved["resume"].get("world_size", 1)
+                if saved is not None and ranks != self.world.size:
+                    raise rundir.RunDirError(
+                        f"{self.out / checkpoint.LAST} was saved by {ranks} process(es), this run has "
+                        f"{self.world.size}: its carried state and RNG states are per process, so resume with "
+                        f"--nproc-per-node {ranks} (or --overwrite to start afresh)")
+            except (rundir.RunDirError, checkpoint.CheckpointError) as exc:
+                failure = exc
+        failure, saved = self.world.broadcast((failure, saved))
+        if failure is not None:
+            raise failure
+        return saved
+
+    def emit(self, record: dict) -> None:
+        if not self.world.main:
+            return
         with self.metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -224,15 +287,21 @@ class _Run:
         }
 
     def save_best(self) -> None:
-        checkpoint.save(self.out / checkpoint.FILENAME, self._payload())
+        if self.world.main:
+            checkpoint.save(self.out / checkpoint.FILENAME, self._payload())
 
     def save_last(self) -> None:
+        """Every rank's carried-state slice and RNG states, gathered; rank 0 writes them."""
+        parts = self.world.gather((self.state.detach().cpu(), rundir.rng_states()))
+        if not self.world.main:
+            return
         checkpoint.save(self.out / checkpoint.LAST, {
             **self._payload(),
             "corpus_sha256": self.sha256,
             "resume": {"position": {**asdict(self.pos), "wall_seconds": self.summary()["seconds"]},
-                       "state": self.state.detach().cpu(),
-                       "optimizer": self.optimizer.state_dict(), "rng": rundir.rng_states()},
+                       "state": torch.cat([state for state, _ in parts]),
+                       "optimizer": self.optimizer.state_dict(), "rng": parts[0][1],
+                       "world_size": self.world.size, "rng_ranks": [rng for _, rng in parts]},
         })
 
     def restore(self, saved: dict[str, Any]) -> None:
@@ -240,15 +309,18 @@ class _Run:
         resume = saved["resume"]
         self.optimizer.load_state_dict(resume["optimizer"])
         self.pos = Position(**resume["position"])
-        self.state = resume["state"].to(self.device)
-        rundir.restore_rng_states(resume["rng"])
+        self.state = resume["state"][self.rows].to(self.device)
+        rundir.restore_rng_states(resume["rng_ranks"][self.world.rank] if self.world.size > 1 else resume["rng"])
+        if not self.world.main:
+            return
         # A kill after the last save leaves records past it; they are about to be made again.
         kept = [line for line in self.metrics.read_text().splitlines()
                 if line.strip() and _record_step(line) <= self.pos.step] if self.metrics.exists() else []
         self.metrics.write_text("".join(line + "\n" for line in kept))
 
     def draw(self) -> None:
-        plot.draw([self.out], self.out / rundir.PLOT)
+        if self.world.main:
+            plot.draw([self.out], self.out / rundir.PLOT)
 
     def summary(self) -> dict[str, Any]:
         pos, best = self.pos, self.pos.best
@@ -270,6 +342,7 @@ class _Run:
             "train_seconds": round(pos.train_seconds, 3),
             "eval_seconds": round(pos.eval_seconds, 3),
             "device": str(self.device),
+            "world_size": self.world.size,
             "torch_version": str(torch.__version__),
         }
 
@@ -285,7 +358,7 @@ class _Run:
         pos, cfg = self.pos, self.cfg
         assert self.val_ids is not None  # called only when there is a validation split
         ev = evaluate(self.model, self.val_ids, cfg.val_streams, max(cfg.seq_len, 256), self.device, cfg.seed,
-                      cfg.window_se)
+                      cfg.window_se, self.world)
         pos.eval_seconds += ev.seconds
         if not (math.isfinite(ev.carried) and math.isfinite(ev.windowed)):
             self.diverged(f"the validation loss is {ev.carried} (carried), {ev.windowed} (windowed)")
@@ -317,16 +390,19 @@ class _Run:
     def train_step(self) -> None:
         pos, cfg = self.pos, self.cfg
         if pos.chunk == 0:
-            self.state = self.model.init_state(cfg.batch_size, self.device)  # reset at every epoch start
+            self.state = self.model.init_state(len(self.inputs), self.device)  # reset at every epoch start
         t = pos.chunk * cfg.seq_len
         x = self.inputs[:, t : t + cfg.seq_len].to(self.device)
         y = self.targets[:, t : t + cfg.seq_len].to(self.device)
         lr = _lr_at(cfg, pos.step, self.budget.progress(pos))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        logits, state = self.model(x, self.state)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        value = loss.item()
+        with self.autocast:
+            logits, state = self.net(x, self.state)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        # every rank holds an equal share of the streams: the mean of their means is the global mean, and all
+        # ranks see the same figure, so all of them stop together if it is not finite
+        value = self.world.sum(loss.detach().clone()).item() / self.world.size
         if not math.isfinite(value):
             pos.step += 1  # name the step that failed; nothing of it is applied or saved
             self.diverged(f"the training loss is {value}")
@@ -335,10 +411,10 @@ class _Run:
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
-        self.state = state.detach()  # truncated BPTT: carry the value, not the graph
+        self.state = state.detach().float()  # truncated BPTT: carry the value, not the graph
         pos.step += 1
         pos.chunk += 1
-        pos.chars += y.numel()
+        pos.chars += y.numel() * self.world.size
         if pos.chunk == self.windows:
             pos.chunk, pos.epoch = 0, pos.epoch + 1
         pos.last_train_loss = value
@@ -350,30 +426,50 @@ class _Run:
                        "loss_smooth": pos.loss_smooth, "lr": lr, "chars": pos.chars,
                        "elapsed": round(pos.train_seconds, 3)})
 
-    def loop(self) -> dict[str, Any]:
+    def agree(self, stops: StopRequests) -> int:
+        """The signal number that stops the run (0: none). Under DDP one all-reduce: a signal on any rank stops
+        all after this step, and all follow the slowest clock, so a --time-budget ends every rank at the same
+        step with the same learning rates."""
+        if self.world.size == 1:
+            return int(stops.received or 0)
+        agreed = self.world.max(torch.tensor([float(stops.received or 0), self.pos.train_seconds],
+                                             dtype=torch.float64, device=self.device))
+        self.pos.train_seconds = float(agreed[1])
+        return int(agreed[0])
+
+    def loop(self) -> dict:
         pos, run = self.pos, self.run
-        with StopRequests() as stops, progress.make(run.progress, run.log_every) as bar:
+        world = self.world
+        # torchrun forwards a terminal's Ctrl-C to workers that already had it: under DDP the same request,
+        # arriving twice within a second, is one request
+        shown = run.progress if world.main else "quiet"
+        with StopRequests(repeat_grace=1.0 if world.size > 1 else 0.0) as stops, \
+                progress.make(shown, run.log_every) as bar:
             if self.saved is None:
                 self.metrics.write_text("")
                 if self.val_ids is not None:
                     self.validate(bar)  # step 0: where the untrained model stands, under both protocols
                 self.save_last()  # every run folder holds a last.pt, so any kill can be resumed
-            while not self.budget.done(pos) and stops.received is None:
+            stopped = 0
+            while not self.budget.done(pos) and not stopped:
                 began = time.monotonic()
                 self.train_step()
                 pos.train_seconds += time.monotonic() - began
+                stopped = self.agree(stops)
                 if self.val_ids is not None and pos.step % self.cfg.eval_every == 0:
                     self.validate(bar)
                 if pos.step % run.save_every == 0:
                     self.save_last()
                 bar.update(self.tick())  # after validating, so the bar and lines show this step's figure
-            if stops.received is not None:
-                self.interrupted = stops.received.name
+            stopped = stopped or self.agree(stops)  # a signal during the last step's validation or save counts
+            if stopped:
+                self.interrupted = signal.Signals(stopped).name
                 self.save_last()
                 self.emit({"event": "interrupted", "step": pos.step, "signal": self.interrupted})
-                log.warning("%s: stopped after step %d; saved %s (continue with --resume); exiting %d",
-                            self.interrupted, pos.step, self.out / checkpoint.LAST, stops.exit_code)
-                return self.result(exit_code=stops.exit_code)
+                if world.main:
+                    log.warning("%s: stopped after step %d; saved %s (continue with --resume); exiting %d",
+                                self.interrupted, pos.step, self.out / checkpoint.LAST, 128 + stopped)
+                return self.result(exit_code=128 + stopped)
             if self.val_ids is not None and pos.last_val_step != pos.step:
                 self.validate(bar)  # the final weights get their chance to be the best
                 bar.update(self.tick())
@@ -397,17 +493,27 @@ def _record_step(line: str) -> float:
         return math.inf  # a line cut short by a kill
 
 
-def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions = RunOptions()) -> dict[str, Any]:
+def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions = RunOptions(),
+          world: World = distributed.ONE) -> dict:
     """Train into cfg.out (or continue there, with run.resume) and return the training summary.
 
     The summary's exit_code is 0, or 128 + the signal's number when SIGINT or SIGTERM stopped the run;
     nothing_to_do is set when a resumed run had already spent its budget.
     """
-    session = _Run(corpus, model_cfg, cfg, run)
+    distributed.start(world, _device(cfg.device, world))
+    try:
+        return _train(corpus, model_cfg, cfg, run, world)
+    finally:
+        distributed.stop(world)
+
+
+def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, world: World) -> dict:
+    session = _Run(corpus, model_cfg, cfg, run, world)
     if session.saved is not None:
         session.restore(session.saved)
         if session.budget.done(session.pos):
-            log.warning("%s: this run already finished (step %d) within its budget; nothing to do (raise --steps, "
+            if world.main:
+                log.warning("%s: this run already finished (step %d) within its budget; nothing to do (raise --steps, "
                         "--epochs or --time-budget to train further)", session.out / checkpoint.LAST,
                         session.pos.step)
             return {**session.result(exit_code=0), "nothing_to_do": True}

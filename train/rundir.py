@@ -20,7 +20,8 @@ PLOT = "loss.png"
 TRAINER_FILES = (checkpoint.FILENAME, checkpoint.LAST, METRICS, PLOT)
 BUDGET = ("steps", "epochs", "time_budget")
 # Settings that change nothing a resumed run computes: where it runs and where it writes.
-OPERATIONAL = ("out", "device")
+OPERATIONAL = ("out", "device", "compile", "tf32")
+ADDED_LATER = {"dtype": "float32"}  # what a last.pt written before the option existed trained with
 
 
 class RunDirError(ValueError):
@@ -69,8 +70,9 @@ def mismatches(saved: dict[str, Any], sha256: str, vocab: tuple[str, ...], model
     for key, value in train_config.items():
         if key in BUDGET or key in OPERATIONAL:
             continue
-        if saved["train_config"].get(key) != value:
-            problems.append(f"{key}: {saved['train_config'].get(key)!r} there, {value!r} here")
+        there = saved["train_config"].get(key, ADDED_LATER.get(key))
+        if there != value:
+            problems.append(f"{key}: {there!r} there, {value!r} here")
     return problems
 
 

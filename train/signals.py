@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -15,9 +16,11 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class StopRequests:
     """Installs the handlers for as long as it is entered (main thread only; elsewhere it only listens)."""
 
-    def __init__(self) -> None:
+    def __init__(self, repeat_grace: float = 0.0) -> None:
         self.received: signal.Signals | None = None
         self._previous: dict[int, Any] = {}  # what signal.signal returned: a handler, SIG_DFL, SIG_IGN or None
+        self._repeat_grace = repeat_grace  # a repeat this soon after the first is the same request, delivered twice
+        self._first_at = 0.0
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
@@ -30,11 +33,12 @@ class StopRequests:
         self._previous = {}
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.received is not None:
+        if self.received is not None and time.monotonic() - self._first_at > self._repeat_grace:
             # os.write, not print: a handler that prints can land inside another write to stderr
             os.write(2, f"\ntrain: second {signal.Signals(signum).name}: exiting now, without saving\n".encode())
             raise SystemExit(128 + signum)
-        self.received = signal.Signals(signum)
+        if self.received is None:
+            self.received, self._first_at = signal.Signals(signum), time.monotonic()
 
     @property
     def exit_code(self) -> int:

@@ -30,6 +30,7 @@ from serve.service.inference import (
     TritonConfig,
 )
 from serve.service.inference import VERSION as MODEL_VERSION
+from serve.service.models import ModelSlot
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,17 @@ def model_config(config: TritonConfig) -> pb.ModelConfig:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, service: InferenceService, version: str, gate: Gate) -> None:
-        """version: the project's (ServerMetadata); gate: while it drains, the probes say not ready."""
-        self.service = service
+    def __init__(self, models: ModelSlot, version: str, gate: Gate) -> None:
+        """models: a call runs on the model current as it starts (serve/service/models.py); version: the
+        project's (ServerMetadata); gate: while it drains, the probes say not ready."""
+        self.models = models
         self.version = version
         self._gate = gate
+
+    @property
+    def service(self) -> InferenceService:
+        """The current model's, for the calls that only describe it."""
+        return self.models.current.inference
 
     def _ready(self) -> bool:
         return self.service.ready and not self._gate.draining
@@ -100,11 +107,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=model_config(self.service.config(request.name, request.version)))
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        self.service.check_model(request.model_name, request.model_version)  # before the tensors' errors
-        outputs = await self.service.infer(InferRequest(
-            request.model_name, request.model_version, inputs_of(request),
-            tuple(dict.fromkeys(o.name for o in request.outputs)), sequence_of(request.parameters)))
-        return response_of(request, self.service.model_name, MODEL_VERSION, outputs)
+        with self.models.use() as model:
+            service = model.inference
+            service.check_model(request.model_name, request.model_version)  # before the tensors' errors
+            outputs = await service.infer(InferRequest(
+                request.model_name, request.model_version, inputs_of(request),
+                tuple(dict.fromkeys(o.name for o in request.outputs)), sequence_of(request.parameters)))
+        return response_of(request, service.model_name, MODEL_VERSION, outputs)
 
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: Context) -> pb.ModelInferResponse:

@@ -9,7 +9,8 @@ from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 from serve.engine.protocol import Finish
 from serve.engine.runtime import PROVENANCE
-from serve.service.charrnn import CharRNNService, Prediction
+from serve.service.charrnn import Prediction
+from serve.service.models import ModelSlot
 
 _FINISH = {Finish.NONE: pb.FINISH_REASON_UNSPECIFIED, Finish.LENGTH: pb.FINISH_REASON_LENGTH,
            Finish.STOP: pb.FINISH_REASON_STOP}
@@ -20,50 +21,57 @@ def _candidates(prediction: Prediction) -> list[pb.Candidate]:
 
 
 class CharRNNServicer(pb_grpc.CharRNNServicer):
-    """Auth, admission, errors, metrics and the log line are the interceptors' (serve/api/interceptors.py)."""
+    """Auth, admission, errors, metrics and the log line are the interceptors' (serve/api/interceptors.py).
 
-    def __init__(self, service: CharRNNService) -> None:
-        self.service = service
-        self._text = service.vocab
+    Each call runs on the model that is current as it starts, to its end (serve/service/models.py)."""
+
+    def __init__(self, models: ModelSlot) -> None:
+        self.models = models
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: Context) -> AsyncIterator[pb.GenerateResponse]:
-        stream = self.service.generate(
-            request.prompt, request.max_chars,
-            request.temperature if request.HasField("temperature") else None, request.top_k,
-            request.top_p if request.HasField("top_p") else None,
-            request.seed if request.HasField("seed") else None, request.stop)
-        text, finish_reason, response, index = self._text, _FINISH, pb.GenerateResponse, 0
-        try:
-            while True:
-                item = stream.pop()  # per character: no coroutine unless the engine is behind
-                if item is None:
-                    await stream.wait()
-                    continue
-                token, logprob, finish = item
-                yield response(text=text[token], index=index, logprob=logprob, finish_reason=finish_reason[finish])
-                if finish:
-                    return
-                index += 1
-        finally:
-            stream.close()
+        with self.models.use() as model:
+            service = model.charrnn
+            stream = service.generate(
+                request.prompt, request.max_chars,
+                request.temperature if request.HasField("temperature") else None, request.top_k,
+                request.top_p if request.HasField("top_p") else None,
+                request.seed if request.HasField("seed") else None, request.stop)
+            text, finish_reason, response, index = service.vocab, _FINISH, pb.GenerateResponse, 0
+            try:
+                while True:
+                    item = stream.pop()  # per character: no coroutine unless the engine is behind
+                    if item is None:
+                        await stream.wait()
+                        continue
+                    token, logprob, finish = item
+                    yield response(text=text[token], index=index, logprob=logprob,
+                                   finish_reason=finish_reason[finish])
+                    if finish:
+                        return
+                    index += 1
+            finally:
+                stream.close()
 
     async def Predict(self, request_iterator: AsyncIterator[pb.PredictRequest],
                       context: Context) -> AsyncIterator[pb.PredictResponse]:
         state = None
-        async for request in request_iterator:
-            predictions, state = await self.service.predict(request.text, request.top_k, state)
-            for p in predictions:
-                yield pb.PredictResponse(input=p.input, next=p.next, probability=p.probability, top=_candidates(p))
+        with self.models.use() as model:  # the state is this model's: the whole stream stays on it
+            async for request in request_iterator:
+                predictions, state = await model.charrnn.predict(request.text, request.top_k, state)
+                for p in predictions:
+                    yield pb.PredictResponse(input=p.input, next=p.next, probability=p.probability,
+                                             top=_candidates(p))
 
     async def Step(self, request: pb.StepRequest, context: Context) -> pb.StepResponse:
-        result = await self.service.step(request.state, request.text, request.top_k)
+        with self.models.use() as model:
+            result = await model.charrnn.step(request.state, request.text, request.top_k)
         p = result.prediction
         return pb.StepResponse(state=result.state, next=p.next, probability=p.probability, top=_candidates(p))
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,
                            context: Context) -> pb.ModelInfo:
-        info = self.service.info()
+        info = self.models.current.charrnn.info()
         spec = info.spec
         return pb.ModelInfo(vocab=spec.vocab, cell=spec.cell, num_layers=spec.num_layers,
                             hidden_size=spec.hidden_size, state_size=spec.state_size,

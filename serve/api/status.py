@@ -9,6 +9,7 @@ import grpc
 from serve.errors import (
     EngineFailure,
     InvalidArgument,
+    ModelChanged,
     ModelError,
     NotFound,
     ResourceExhausted,
@@ -26,6 +27,7 @@ _STATUS: dict[type[ServeError], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     ModelError: grpc.StatusCode.FAILED_PRECONDITION,
     NotFound: grpc.StatusCode.NOT_FOUND,
+    ModelChanged: grpc.StatusCode.FAILED_PRECONDITION,
     StateFromAnotherModel: grpc.StatusCode.FAILED_PRECONDITION,
 }
 

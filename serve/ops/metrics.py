@@ -53,6 +53,15 @@ class Metrics:
         self.time_to_first_char = Histogram("charrnn_time_to_first_char_seconds",
                                             "Generate: seconds from the call's start to its first character",
                                             buckets=_TTFC_BUCKETS, registry=r)
+        # A fleet's model rollout in one query: `count by (sha256) (charrnn_model_info)` is 1 row when every
+        # replica serves one model (serve/ops/reload.py keeps the gauge on the model served now).
+        self.model_info = Gauge("charrnn_model_info", "1 for the model this server serves, by its file's SHA-256",
+                                ["sha256"], registry=r, multiprocess_mode="liveall")  # workers: one row each
+        self.model_reloads = Counter(
+            "charrnn_model_reloads", "changed model files: ok (now served) or refused (bad, missing or failing "
+            "its check; the model before it is still served)", ["result"], registry=r)
+        for result in ("ok", "refused"):
+            self.model_reloads.labels(result)
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

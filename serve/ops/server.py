@@ -8,6 +8,10 @@ engine takes work (NOT_SERVING while an engine process that died or hung is repl
 cannot be replaced (serve/process/proxy.py MAX_RESTARTS) everything turns NOT_SERVING and the process
 exits 1, so that compose or Kubernetes restarts it.
 
+Model reload (serve/ops/reload.py): every --reload-interval seconds, and at once on SIGHUP, the server
+checks its --model file; a changed file that passes the start-up checks serves new calls while calls
+in flight finish on the old model; a bad or missing one is refused and the old model kept.
+
 Shutdown (SIGTERM or SIGINT): health turns NOT_SERVING and new calls get UNAVAILABLE at once; calls in
 flight run to completion within --grace seconds; a second signal, or the end of grace, cuts the rest
 with UNAVAILABLE and a message saying so. The process then exits 0.
@@ -24,7 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -37,16 +40,15 @@ from serve.api.pb.inference import grpc_service_pb2 as inference_pb
 from serve.api.pb.inference import grpc_service_pb2_grpc as inference_grpc
 from serve.api.servicer import CharRNNServicer
 from serve.engine.protocol import Engine, EngineState
-from serve.engine.runtime import Runtime
-from serve.engine.thread import ThreadEngine
+from serve.engine.runtime import read_model
 from serve.errors import ConfigError, DeviceError, EngineFailure, EngineLost, ModelError
 from serve.ops.loops import loop_factory
 from serve.ops.metrics import Metrics
+from serve.ops.reload import ModelWatcher, file_id, load_model
 from serve.ops.settings import Settings
 from serve.ops.version import project_version
-from serve.process.proxy import MAX_RESTARTS, ProcessEngine
-from serve.service.charrnn import CharRNNService
-from serve.service.inference import InferenceService
+from serve.process.proxy import MAX_RESTARTS
+from serve.service.models import Model, ModelSlot
 from serve.service.sequences import Sequences
 
 log = logging.getLogger(__name__)
@@ -60,13 +62,15 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 
 class Server:
-    """A bound grpc.aio server plus the engine (process or thread) and metrics endpoint whose lifetime it
-    shares."""
+    """A bound grpc.aio server plus the model(s) (engine, process or thread, and services), the file
+    watcher and the metrics endpoint whose lifetime it shares."""
 
-    def __init__(self, grpc_server: grpc.aio.Server, engine: Engine, health_servicer: health.aio.HealthServicer,
-                 gate: Gate, metrics: Metrics, address: str, provider: str, metrics_port: int | None) -> None:
+    def __init__(self, grpc_server: grpc.aio.Server, models: ModelSlot, watcher: ModelWatcher,
+                 health_servicer: health.aio.HealthServicer, gate: Gate, metrics: Metrics, address: str,
+                 provider: str, metrics_port: int | None) -> None:
         self.grpc = grpc_server
-        self.engine = engine
+        self.models = models
+        self.watcher = watcher
         self.health = health_servicer
         self.gate = gate
         self.metrics = metrics
@@ -77,19 +81,49 @@ class Server:
         self._health_lock: asyncio.Lock | None = None
         self._health_updates: set[asyncio.Future[None]] = set()  # the loop holds tasks only weakly
 
+    @property
+    def engine(self) -> Engine:
+        """The current model's engine."""
+        return self.models.current.engine
+
     async def start(self) -> None:
         self.lost, self._health_lock = asyncio.Event(), asyncio.Lock()
-        self.engine.watch(self._engine_changed)
-        self.engine.start(asyncio.get_running_loop())
+        model = self.models.current
+        self._watch(model)
+        model.engine.start(asyncio.get_running_loop())
+        self.metrics.model_info.labels(model.sha256).set(1)
         await self.grpc.start()
         await self._set_health((*READINESS, LIVENESS), SERVING)
+        self.watcher.start(self.activate)
 
-    def _engine_changed(self, state: EngineState) -> None:
-        names = (*READINESS, LIVENESS) if state is EngineState.FAILED else READINESS
-        status = SERVING if state is EngineState.SERVING else NOT_SERVING
+    def activate(self, model: Model) -> None:
+        """A reload's new model (loaded and checked) takes new calls from now on (on the loop)."""
+        self._watch(model)
+        model.engine.start(asyncio.get_running_loop())
+        old = self.models.swap(model)
+        if old.sha256 != model.sha256:  # 0 first: with --workers the row lives on in a shared file
+            self.metrics.model_info.labels(old.sha256).set(0)
+            self.metrics.model_info.remove(old.sha256)
+        self.metrics.model_info.labels(model.sha256).set(1)
+        if not self.gate.draining:  # the old engine may have been restarting: this one serves
+            self._update_health(READINESS, SERVING)
+
+    def _update_health(self, names: tuple[str, ...], status: int) -> None:
+        """_set_health from a callback on the loop; the task is kept until done (the loop holds it weakly)."""
         update = asyncio.ensure_future(self._set_health(names, status))
         self._health_updates.add(update)
         update.add_done_callback(self._health_updates.discard)
+
+    def _watch(self, model: Model) -> None:
+        engine = model.engine
+        engine.watch(lambda state: self._engine_changed(engine, state))
+
+    def _engine_changed(self, engine: Engine, state: EngineState) -> None:
+        if engine is not self.models.current.engine:  # a retired model's engine: its calls see it alone
+            return
+        names = (*READINESS, LIVENESS) if state is EngineState.FAILED else READINESS
+        status = SERVING if state is EngineState.SERVING else NOT_SERVING
+        self._update_health(names, status)
         if state is EngineState.FAILED:
             assert self.lost is not None
             self.lost.set()
@@ -102,16 +136,23 @@ class Server:
 
     async def stop(self, grace: float | None = 1.0) -> None:
         """Stops at once: calls in flight get `grace` seconds, then gRPC cancels them."""
+        await self.watcher.close()
         await self.health.enter_graceful_shutdown()
         self.gate.draining = True
         await self.grpc.stop(grace)
-        self.engine.stop()
+        self._stop_engines()
+        await self.models.stopped()
         self.metrics.close()
+
+    def _stop_engines(self, reason: str = "the server is shutting down") -> None:
+        for model in self.models.models:
+            model.engine.stop(reason)
 
     async def drain(self, grace: float, cut: asyncio.Event) -> bool:
         """The SIGTERM path: health NOT_SERVING and new calls UNAVAILABLE at once; calls in flight run
         to completion for up to `grace` seconds, or until `cut` is set (a second SIGTERM); what is
         left then ends with UNAVAILABLE and a message. True when every call finished by itself."""
+        await self.watcher.close()  # no model switch while draining
         await self.health.enter_graceful_shutdown()
         self.gate.draining = True
         log.info("draining: %d calls in flight, %.0f s grace", len(self.gate.calls), grace)
@@ -125,7 +166,7 @@ class Server:
             log.warning("cutting %d calls still in flight: %s", len(self.gate.calls), why)
             self.gate.abort_reason = reason
             # Work inside the engine (every Generate, Predict/Step waiting on a step) fails with the reason.
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.stop, reason)
+            await asyncio.get_running_loop().run_in_executor(None, self._stop_engines, reason)
             try:
                 await asyncio.wait_for(asyncio.shield(idle), timeout=1.0)
             except TimeoutError:  # calls waiting for the client's next message
@@ -185,28 +226,26 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
     credentials = _credentials(settings)
     version = project_version()  # before the engine starts: an image without CHANGELOG.md fails here
     metrics = Metrics()
-    engine: Engine
-    if settings.engine == "process":  # the engine process loads and checks the model; nothing here does
-        engine = ProcessEngine(settings.model, settings.device, settings.threads, settings.max_batch,
-                               settings.max_delay_us, metrics=metrics, hang_seconds=settings.engine_hang_seconds)
-    else:
-        engine = ThreadEngine(Runtime(settings.model, settings.device, settings.threads), settings.max_batch,
-                              settings.max_delay_us, metrics=metrics)
-    provider = engine.provider
+    try:  # stat first: a file replaced between the two is seen as changed at the first check
+        seen = file_id(settings.model)
+    except OSError:
+        seen = None
+    data = read_model(settings.model)  # the only read until a reload: an engine restart reuses these bytes
+    sequences = Sequences(None, settings.max_sequences, settings.sequence_idle_seconds)  # they outlive reloads
+    model = load_model(settings, data, metrics, sequences, version)
+    engine, provider = model.engine, model.engine.provider
     try:  # an engine process is running from here on: it must not outlive a failed start
-        service = CharRNNService(engine, provider, settings.max_chars, settings.state_key.encode(),
-                                 settings.max_prompt_chars, version=version)
+        models = ModelSlot(model)
+        watcher = ModelWatcher(settings.model, settings.reload_interval,
+                               lambda data: load_model(settings, data, metrics, sequences, version),
+                               lambda: models.current.sha256, metrics, seen)
         gate = Gate(settings.max_streams, metrics)
         server = grpc.aio.server(interceptors=chain(gate, metrics, settings.auth_token),
                                  options=[("grpc.so_reuseport", int(reuse_port)),
                                           ("grpc.max_receive_message_length", settings.max_message_bytes)])
-        pb_grpc.add_CharRNNServicer_to_server(CharRNNServicer(service), server)
-        sequences = Sequences(np.zeros(engine.spec.state_shape, dtype=np.float32), settings.max_sequences,
-                              settings.sequence_idle_seconds)
-        inference = InferenceService(engine, settings.model_name, settings.max_batch, settings.max_prompt_chars,
-                                     sequences, settings.max_delay_us)
+        pb_grpc.add_CharRNNServicer_to_server(CharRNNServicer(models), server)
         inference_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(inference, project_version(), gate), server)
+            InferenceServicer(models, version, gate), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((*API_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -222,7 +261,7 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
     except BaseException:
         engine.stop("the server did not start")
         raise
-    return Server(server, engine, health_servicer, gate, metrics, f"{host}:{port}", provider,
+    return Server(server, models, watcher, health_servicer, gate, metrics, f"{host}:{port}", provider,
                   metrics_port), port
 
 
@@ -260,6 +299,7 @@ async def serve(settings: Settings, reuse_port: bool = False,
         (cut if stop.is_set() else stop).set()
 
     stop_requests(asyncio.get_running_loop(), on_request)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, server.watcher.check_now)  # --workers too
     assert server.lost is not None
     lost = asyncio.ensure_future(server.lost.wait())
     tasks = [asyncio.ensure_future(server.wait_for_termination()), asyncio.ensure_future(stop.wait()), lost]

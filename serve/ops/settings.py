@@ -77,6 +77,11 @@ class Settings:
                 "without sequence_start is refused"})
     max_sequences: int = field(default=1024, metadata={
         "help": "live KServe sequences the server holds state for; a START beyond it gets RESOURCE_EXHAUSTED"})
+    reload_interval: float = field(default=10.0, metadata={
+        "help": "seconds between checks of the --model file (size, times, then SHA-256; polled, as inotify "
+                "misses network volumes): a changed file is loaded and checked beside the served model, then "
+                "serves new calls while calls in flight finish on the old one; a bad or missing file is refused "
+                "(logged, counted) and the old model kept; 0 = no polling; SIGHUP checks at once either way"})
     auth_token: str = field(default="", repr=False, metadata={
         "help": "require metadata 'authorization: Bearer <token>' on every CharRNN and KServe call (health and "
                 "KServe's probes stay open); set it through the environment: a flag shows in the process list"})

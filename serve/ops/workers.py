@@ -12,6 +12,10 @@ with both blocked and then ignore them, so a terminal's Ctrl-C, which signals th
 counts once; the parent sends each signal it gets to every child as one stop request over a pipe (the
 first drains, the next cuts, as for one server). A child whose parent dies sees the pipe close and drains.
 
+SIGHUP (check the model file now, serve/ops/reload.py) goes on to every child as a signal; each child
+also watches the file on its own every --reload-interval. A child ignores SIGHUP until its server
+handles it (a new child loads the file as it is anyway).
+
 Metrics (--metrics-port): the children count into one folder, the parent serves the sum (serve/ops/metrics.py).
 """
 
@@ -21,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import queue
 import signal
 import socket
@@ -55,12 +60,14 @@ def reserve_port(host: str, port: int) -> Iterator[int]:
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_START_BLOCKED = STOP_SIGNALS | {signal.SIGHUP}  # held while a child starts: it decides what they do
 
 
 def _child(settings: Settings, index: int, events: Any, requests: Connection) -> None:
     for sig in STOP_SIGNALS:  # before unblocking: one delivered while starting is dropped, not acted on
         signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the server's own handler (serve/ops/server.py)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _START_BLOCKED)
     from serve.ops.server import run  # imported here: the parent never loads onnxruntime or the model
 
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
@@ -92,7 +99,7 @@ def _from_parent(requests: Connection) -> StopRequests:
 
 @contextlib.contextmanager
 def _stop_signals_blocked() -> Iterator[None]:
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _START_BLOCKED)
     try:
         yield
     finally:
@@ -100,11 +107,19 @@ def _stop_signals_blocked() -> Iterator[None]:
 
 
 class _Stop:
-    """The parent's stop requests: each SIGINT/SIGTERM it gets, sent on to every child started."""
+    """The parent's stop requests: each SIGINT/SIGTERM it gets, sent on to every child started (and
+    SIGHUP, as a signal)."""
 
     def __init__(self) -> None:
         self.requests = 0
         self._pipes: list[Connection] = []
+        self.pids: list[int] = []  # the children started, for SIGHUP
+
+    def check_model(self, signum: int, _frame: Any) -> None:
+        """SIGHUP: every child checks its model file now."""
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     def signal(self, _signum: int, _frame: Any) -> None:
         self.request()
@@ -130,6 +145,7 @@ def run_workers(settings: Settings) -> int:
     """Runs settings.workers children on one port until SIGTERM/SIGINT; the worst child status."""
     stop = _Stop()
     previous = {sig: signal.signal(sig, stop.signal) for sig in STOP_SIGNALS}  # before any child exists
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, stop.check_model)
     try:
         with contextlib.ExitStack() as stack:
             port = stack.enter_context(reserve_port(settings.host, settings.port))
@@ -161,6 +177,8 @@ def _supervise(settings: Settings, port: int, stop: _Stop, endpoint: SharedEndpo
         with _stop_signals_blocked():  # inherited by the child; a signal now reaches the parent after start
             child.start()
             stop.add(ours)
+            assert child.pid is not None
+            stop.pids.append(child.pid)
         theirs.close()
         children.append(child)
     provider = _wait_ready(children, events, stop)
@@ -183,6 +201,8 @@ def _supervise(settings: Settings, port: int, stop: _Stop, endpoint: SharedEndpo
             if child.is_alive():
                 continue
             running.remove(child)
+            if child.pid in stop.pids:  # reaped: its pid may be another process's soon
+                stop.pids.remove(child.pid)
             if endpoint is not None and child.pid is not None:  # pid: None only before start()
                 endpoint.process_exited(child.pid)
             if not stop.requests:

@@ -56,14 +56,15 @@ class ProcessEngine:
     child's ModelError / DeviceError.
 
     hang_seconds: how long work may wait with nothing coming back before the child is taken for hung
-    and killed (0: never)."""
+    and killed (0: never). data: the model's bytes when the caller read them already (a reload checks
+    exactly the bytes it hashed); None reads the file."""
 
     def __init__(self, model: str, device: str = "auto", threads: int = 1, max_batch: int = 256,
                  max_delay_us: int = 200, window: int = 1024, metrics: Metrics | None = None,
-                 hang_seconds: float = 5.0) -> None:
+                 hang_seconds: float = 5.0, data: bytes | None = None) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
-        self._model = read_model(model)
+        self._model = data if data is not None else read_model(model)
         self.hang_seconds = hang_seconds
         self.metrics = metrics if metrics is not None else Metrics()
         self._stats = {"step_calls": 0, "step_rows": 0, "restarts": 0, "unclaimed_results": 0}

@@ -20,7 +20,7 @@ import numpy as np
 
 from serve.engine.protocol import Engine, EngineState
 from serve.errors import InvalidArgument, NotFound
-from serve.service.sequences import SequenceControl, Sequences
+from serve.service.sequences import SequenceControl, SequenceModel, Sequences
 
 VERSION = "1"  # the one version of the one model, as in the Triton repository export writes
 PLATFORM = "onnxruntime_onnx"
@@ -94,6 +94,7 @@ class InferenceService:
         self.inputs = (TensorSpec(IDS, "INT64", (-1, -1)), TensorSpec(STATE_IN, "FP32", (-1, layers, size)))
         self.outputs = (TensorSpec(LOGITS, "FP32", (-1, -1, vocab)), TensorSpec(STATE_OUT, "FP32", (-1, layers, size)))
         self._zero = np.zeros(self.spec.state_shape, dtype=np.float32)
+        self._sequence_model = SequenceModel(self.spec.sha256, self._zero)  # sequences outlive a reload
         # ServerReady/ModelReady follow what gRPC health reports: not ready while the engine is replaced.
         self._engine_state = EngineState.SERVING
         engine.watch(self._engine_changed)
@@ -141,7 +142,7 @@ class InferenceService:
             async def one(held: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
                 out = await self._rows(ids, held[None])
                 return out, out[1][0]
-            logits, state_out = await self.sequences.run(control, one, self.model_name)
+            logits, state_out = await self.sequences.run(control, one, self.model_name, self._sequence_model)
         found = {LOGITS: logits, STATE_OUT: state_out}
         return [Tensor(spec.name, spec.datatype, found[spec.name]) for spec in self.outputs if spec.name in wanted]
 

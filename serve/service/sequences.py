@@ -15,6 +15,10 @@ Triton's documents (the README's KServe section lists them):
   batcher runs them; requests of different sequences run side by side and batch in the engine.
 - END frees the sequence once its request has run. At `max_sequences` live sequences a new START is
   refused with ResourceExhausted, where Triton would queue it in its backlog.
+- A sequence belongs to the model it started on (`SequenceModel`: the file's SHA-256 and its zero
+  state). After a reload to another model file (serve/ops/reload.py) its next request without START
+  is refused with ModelChanged (FAILED_PRECONDITION), which says so and asks for a new START; the
+  state it held cannot feed another model. It keeps saying so until a START or its idle expiry.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from serve.errors import InvalidArgument, ResourceExhausted
+from serve.errors import InvalidArgument, ModelChanged, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +49,20 @@ class SequenceControl:
     end: bool = False
 
 
+@dataclass(frozen=True)
+class SequenceModel:
+    """The model a request runs on: sequences started on another one cannot go on with it."""
+
+    sha256: str
+    zero: np.ndarray  # its initial state
+
+
 @dataclass(eq=False)
 class _Sequence:
     key: Hashable
     state: np.ndarray
     last_used: float
+    model: str = ""  # SequenceModel.sha256 of the model it started on
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0      # calls holding or waiting for the lock: an idle sweep leaves the sequence alone
     requests: int = 0   # requests that have run since the last START
@@ -62,9 +75,10 @@ def _key(sequence_id: int | str) -> Hashable:
 
 
 class Sequences:
-    """The live sequences of one model; everything runs on the event loop."""
+    """The live sequences, each bound to the model it started on; everything runs on the event loop.
+    zero_state: the initial state when requests do not name their model (None: they always do)."""
 
-    def __init__(self, zero_state: np.ndarray, max_sequences: int, idle_seconds: float,
+    def __init__(self, zero_state: np.ndarray | None, max_sequences: int, idle_seconds: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._zero = zero_state
         self.max_sequences = max_sequences
@@ -77,9 +91,13 @@ class Sequences:
         return len(self._live)
 
     async def run(self, control: SequenceControl, work: Callable[[np.ndarray], Awaitable[tuple[R, np.ndarray]]],
-                  model: str) -> R:
+                  model: str, on: SequenceModel | None = None) -> R:
         """Runs work(state) -> (result, new state) for the sequence's next request, in its turn; keeps
-        the new state (frees the sequence at END) and returns the result."""
+        the new state (frees the sequence at END) and returns the result. `on`: the model the request
+        runs on (None: the table's zero state, one model only)."""
+        if on is None:
+            assert self._zero is not None, "a table without a zero state needs each request's model"
+            on = SequenceModel("", self._zero)
         key = _key(control.id)
         while True:
             seq = self._find(key)
@@ -89,17 +107,23 @@ class Sequences:
                         f"inference request for sequence {control.id!r} to model {model!r} must specify "
                         "sequence_start on the first request of the sequence (it was never started, ended, "
                         f"or was idle over {self.idle_seconds:g} s: --sequence-idle-seconds)")
-                seq = self._open(key)
+                seq = self._open(key, on)
             seq.users += 1
             try:
                 async with seq.lock:
                     if seq.closed:  # it ended or expired while this request waited: look it up again
                         continue
+                    if seq.model != on.sha256 and not control.start:
+                        raise ModelChanged(
+                            f"sequence {control.id!r} for model {model!r} was started on the model file with "
+                            f"sha256 {seq.model[:12]}..., and this request runs on {on.sha256[:12]}... (the "
+                            "server reloaded its model file): the sequence's state is gone; start it again "
+                            "with sequence_start")
                     if control.start:
-                        if seq.requests:
+                        if seq.requests and seq.model == on.sha256:
                             log.warning("sequence %r for model %r was started again while live: it restarts "
                                         "at the zero state (the earlier sequence did not end)", control.id, model)
-                        seq.state, seq.requests = self._zero, 0
+                        seq.state, seq.requests, seq.model = on.zero, 0, on.sha256
                     try:
                         result, seq.state = await work(seq.state)
                     except BaseException:
@@ -121,12 +145,12 @@ class Sequences:
             self._live.move_to_end(key)
         return seq
 
-    def _open(self, key: Hashable) -> _Sequence:
+    def _open(self, key: Hashable, on: SequenceModel) -> _Sequence:
         if len(self._live) >= self.max_sequences:
             raise ResourceExhausted(
                 f"{len(self._live)} sequences are live, the limit is {self.max_sequences} (--max-sequences): "
                 f"end one with sequence_end, or wait until idle ones expire ({self.idle_seconds:g} s)")
-        seq = _Sequence(key, self._zero, self._clock())
+        seq = _Sequence(key, on.zero, self._clock(), on.sha256)
         self._live[key] = seq
         return seq
 

@@ -61,7 +61,7 @@ def test_documents_the_rollout_the_container_tests_run():
     text = DOC.read_text()
     tests = (ROOT / "tests/containers/test_compose_up.py").read_text()
     assert "docker compose up train export" in text and '"up", "--no-build", "train", "export"' in tests
-    assert "restart serve serve-replica" in text and '"restart", "serve", "serve-replica"' in tests
+    assert "CHARRNN_RELOAD_INTERVAL" in text and "no restart" in tests.lower()
     assert "--profile scale up -d --no-deps serve-replica lb" in text and '"--no-deps", "serve-replica", "lb"' in tests
 
 

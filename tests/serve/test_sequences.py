@@ -7,8 +7,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from serve.errors import EngineFailure, InvalidArgument, ResourceExhausted
-from serve.service.sequences import SequenceControl, Sequences
+from serve.errors import EngineFailure, InvalidArgument, ModelChanged, ResourceExhausted
+from serve.service.sequences import SequenceControl, SequenceModel, Sequences
 
 
 class Clock:
@@ -44,6 +44,24 @@ def test_state_is_carried_and_freed_at_end():
         assert len(s) == 0
         with pytest.raises(InvalidArgument, match="sequence 1 to model 'm' must specify sequence_start"):
             await s.run(SequenceControl(1), add(1), "m")
+    run(main())
+
+
+def test_a_sequence_started_on_another_model_is_refused_until_started_again():
+    """After a reload (serve/ops/reload.py) a live sequence holds the old model's state: it cannot go on."""
+    old, new = SequenceModel("a" * 64, np.zeros(2, dtype=np.float32)), SequenceModel("b" * 64, np.ones(3, np.float32))
+
+    async def main():
+        s = Sequences(None, max_sequences=3, idle_seconds=10.0, clock=Clock())
+        await s.run(SequenceControl(1, start=True), add(1), "m", old)
+        assert (await s.run(SequenceControl(1), add(1), "m", old) == 1).all()
+        for _ in range(2):  # it keeps saying so, with the same clear message
+            with pytest.raises(ModelChanged, match=r"started on the model file with sha256 aaaaaaaaaaaa\.\.\..*"
+                                                   r"sequence_start"):
+                await s.run(SequenceControl(1), add(1), "m", new)
+        seen = await s.run(SequenceControl(1, start=True), add(1), "m", new)
+        assert seen.shape == (3,) and (seen == 1).all(), "started again at the new model's zero state"
+        assert (await s.run(SequenceControl(1, end=True), add(1), "m", new) == 2).all()
     run(main())
 
 
