@@ -36,8 +36,9 @@ node-install:
 $(NODE_STAMP): clients/node/package-lock.json
 	npm ci --prefix clients/node --no-audit --no-fund
 
-# ruff (bugs, style errors, import order) over the whole tree and mypy --strict over serve/, export/ and
-# train/, both configured in pyproject.toml; `make test` runs this first, so a lint failure fails the suite.
+# ruff (bugs, style errors, import order) over the whole tree, mypy --strict over serve/ and export/ and
+# at its defaults over train/, both configured in pyproject.toml; `make test` runs this first, so a lint
+# failure fails the suite.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
