@@ -23,16 +23,17 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # ahead of bench/, whose train.py is this file
+
+import torch
+import torch.nn.functional as F
+
+from train import distributed
+from train.data import load_corpus, streams
+from train.loop import RunOptions, TrainConfig, train
+from train.model import CharRNN, ModelConfig
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # ahead of bench/, whose train.py is this file
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from train import distributed  # noqa: E402
-from train.data import load_corpus, streams  # noqa: E402
-from train.loop import RunOptions, TrainConfig, train  # noqa: E402
-from train.model import CharRNN, ModelConfig  # noqa: E402
 
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 

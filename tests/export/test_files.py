@@ -45,6 +45,6 @@ def test_a_failed_write_leaves_the_old_file_whole(tmp_path: Path):
     path = tmp_path / "model.onnx"
     write_atomically(path, b"old model")
     with pytest.raises(TypeError):
-        write_atomically(path, "not bytes")  # type: ignore[arg-type]
+        write_atomically(path, "not bytes")  # type: ignore[arg-type]  # the wrong type, on purpose
     assert path.read_bytes() == b"old model"
     assert os.listdir(tmp_path) == ["model.onnx"]
