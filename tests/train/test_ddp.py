@@ -5,18 +5,16 @@ and --resume under 2 processes ends where the uninterrupted run ends; what DDP r
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from live import serve_model
-from support import ROOT, run_stage
+from support import ROOT, interrupt_at_step, run_stage
 
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 from train import checkpoint
@@ -24,7 +22,6 @@ from train import checkpoint
 STEPS = 120
 ARGS = ("--cell", "gru", "--layers", "2", "--hidden", "32", "--batch-size", "4", "--seq-len", "16",
         "--dropout", "0", "--eval-every", "20", "--save-every", "1000", "--log-every", "1", "--steps", str(STEPS))
-STEP_LINE = re.compile(r"\bstep (\d+) \|")
 
 
 def _free_port() -> int:
@@ -88,25 +85,10 @@ def test_sigint_then_resume_under_two_processes_ends_as_the_uninterrupted_run(tm
                                                                               two_process_run):
     whole, _ = two_process_run
     parts = tmp_path / "parts"
-    proc = subprocess.Popen(_torchrun(2, tiny_corpus, parts), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    seen = []
-    try:
-        deadline = time.monotonic() + 180
-        for line in proc.stderr:
-            seen.append(line)
-            match = STEP_LINE.search(line)
-            if match and int(match.group(1)) >= 30:
-                proc.send_signal(signal.SIGINT)  # torchrun forwards it to both ranks, as Ctrl-C or kubelet would
-                break
-            assert time.monotonic() < deadline, "training never reached the step"
-        proc.communicate(timeout=120)  # returns: no rank hangs
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    # torchrun forwards the SIGINT to both ranks, as Ctrl-C or kubelet would; communicate returns: no rank hangs
+    _, stderr = interrupt_at_step(_torchrun(2, tiny_corpus, parts), 30, lambda proc: proc.send_signal(signal.SIGINT))
     stopped = checkpoint.load(parts, checkpoint.LAST)["summary"]["steps"]
-    assert 30 <= stopped < STEPS, "".join(seen)
+    assert 30 <= stopped < STEPS, stderr
     resumed = _run(2, tiny_corpus, parts, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert checkpoint.load(parts, checkpoint.LAST)["summary"]["steps"] == STEPS
@@ -140,24 +122,9 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads torchrun's workers from /proc")
 def test_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, tiny_corpus):
     out = tmp_path / "one-rank"
-    proc = subprocess.Popen(_torchrun(2, tiny_corpus, out), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    seen = []
-    try:
-        deadline = time.monotonic() + 180
-        for line in proc.stderr:
-            seen.append(line)
-            match = STEP_LINE.search(line)
-            if match and int(match.group(1)) >= 20:
-                os.kill(_rank_pid(proc, 1), signal.SIGTERM)  # rank 1 only: rank 0 learns of it by the flag
-                break
-            assert time.monotonic() < deadline, "training never reached the step"
-        _, rest = proc.communicate(timeout=120)  # returns: rank 0 did not hang waiting for rank 1
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    stderr = "".join(seen) + rest
+    # rank 1 only: rank 0 learns of it by the flag, and does not hang waiting for rank 1
+    _, stderr = interrupt_at_step(_torchrun(2, tiny_corpus, out), 20,
+                                  lambda proc: os.kill(_rank_pid(proc, 1), signal.SIGTERM))
     stopped = checkpoint.load(out, checkpoint.LAST)["summary"]["steps"]
     assert 20 <= stopped < STEPS, stderr
     assert f"SIGTERM: stopped after step {stopped}" in stderr  # rank 0 logged the step rank 1's signal ended

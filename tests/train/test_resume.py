@@ -7,14 +7,12 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import pytest
 import torch
-from support import ROOT, run_stage
+from support import interrupt_at_step, run_stage
 
 from train import checkpoint
 from train.data import load_corpus
@@ -25,7 +23,6 @@ from train.rundir import RunDirError
 STEPS = 240  # 7 epochs of the tiny corpus: resumes land mid-epoch and the state resets at epoch starts
 ARGS = ("--cell", "gru", "--layers", "2", "--hidden", "96", "--batch-size", "4", "--seq-len", "16",
         "--eval-every", "25", "--save-every", "1000", "--log-every", "1", "--steps", str(STEPS))
-STEP_LINE = re.compile(r"\bstep (\d+) \|")
 
 
 def _train(corpus, out, *extra, check=True):
@@ -37,26 +34,10 @@ def _interrupt(corpus, out, sig: signal.Signals, at_step: int, *extra) -> tuple[
 
     With --log-every 1 and stderr a pipe the signal lands a few steps after at_step, far from the end
     (the run is slowed by nothing but the test's own reading)."""
-    proc = subprocess.Popen([sys.executable, "-m", "train", "--corpus", str(corpus), *ARGS, "--out", str(out),
-                             *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen = []
-    try:
-        deadline = time.monotonic() + 180
-        for line in proc.stderr:
-            seen.append(line)
-            match = STEP_LINE.search(line)
-            if match and int(match.group(1)) >= at_step:
-                proc.send_signal(sig)
-                break
-            assert time.monotonic() < deadline, "training never reached the step"
-        _, rest = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    stderr = "".join(seen) + rest
+    code, stderr = interrupt_at_step([sys.executable, "-m", "train", "--corpus", str(corpus), *ARGS, "--out",
+                                      str(out), *extra], at_step, lambda proc: proc.send_signal(sig))
     stopped = checkpoint.load(out, checkpoint.LAST)["summary"]["steps"]
-    return proc.returncode, stderr, stopped
+    return code, stderr, stopped
 
 
 def _vals(out):
