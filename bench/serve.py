@@ -5,7 +5,8 @@ transport ceiling, measured side by side in one run on one machine, plus onnxrun
     .venv/bin/python bench/serve.py --model runs/demo/model.onnx --checkpoint runs/demo --streams 64 --chars 300
     git worktree add /tmp/before 072a717 && .venv/bin/python bench/serve.py --before /tmp/before --only batched,before
 
-All servers start first and stay up; then every round runs each load against each server in turn, so
+All servers start first and stay up; then every round runs each load against each server in turn (each
+round starting one server later), so
 that what a shared machine does to its speed minute by minute lands on all of them alike. Each ratio is
 taken within a round and the median over rounds is printed with its range. Each load runs from a
 separate process (bench/load.py). Besides chars/s and latency, each row gives the CPU time per character
@@ -165,8 +166,10 @@ def main() -> int:
             for name, (argv, conns) in configs.items():
                 servers[name] = ServerProcess(name, argv, cwd=cwd.get(name, ROOT))
                 load(servers[name].target, 4, 20, conns)  # warm-up: connections, onnxruntime arenas, code paths
-            for _ in range(args.rounds):
-                for name, (_, conns) in configs.items():
+            order = list(configs.items())
+            for k in range(args.rounds):
+                # Each round starts one server later, so that going first (or last) is no server's fixed lot.
+                for name, (_, conns) in order[k % len(order):] + order[:k % len(order)]:
                     for streams, chars in loads:
                         results[(name, streams)].append(measure(servers[name], streams, chars, conns))
         finally:
