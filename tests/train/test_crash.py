@@ -28,11 +28,14 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path, tiny_corp
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 90
-            before = final.stat().st_mtime_ns if final.exists() else None
+            before = None
             while not final.exists():  # first round: wait for one complete checkpoint
                 assert proc.poll() is None and time.monotonic() < deadline, "training never saved"
             while True:  # then kill as soon as the next save has created its temporary file
                 if set(out.glob("checkpoint.pt.*.tmp")) - stale:
+                    # the checkpoint as it is while this save is under way: whole saves may have completed
+                    # since the process started, so it is read here, not before
+                    before = final.stat().st_mtime_ns
                     proc.send_signal(signal.SIGKILL)
                     break
                 assert proc.poll() is None and time.monotonic() < deadline, "no further save began"
