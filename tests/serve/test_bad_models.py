@@ -6,6 +6,8 @@ unit-tested in test_runtime.py.)
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import onnx
 import pytest
 from support import run_stage
@@ -43,14 +45,20 @@ def drop_meta(key: str):
     (set_meta("num_layers", "\u00b2"), "metadata 'num_layers' must be a positive decimal integer"),
 ])
 def test_server_refuses_a_broken_model(tmp_path, hihell_model, change, problem):
-    model = onnx.load(hihell_model)
+    path, stderr = refusal_of(tmp_path / "broken.onnx", hihell_model, change)
+    assert f"{path}: " in stderr and problem in stderr, stderr
+
+
+def refusal_of(path: Path, model_file: Path, change) -> tuple[Path, str]:
+    """Saves the model changed by `change` at PATH and starts the server on it: it must refuse at start
+    (exit 2, nothing on stdout, no traceback). Returns (path, stderr)."""
+    model = onnx.load(model_file)
     change(model)
-    path = tmp_path / "broken.onnx"
     onnx.save(model, path)
     proc = run_stage("serve", "--model", str(path), check=False, timeout=60)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert f"{path}: " in proc.stderr and problem in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
     assert "Traceback" not in proc.stderr
+    return path, proc.stderr
 
 
 def test_server_refuses_truncated_onnx(tmp_path, hihell_model):
@@ -81,11 +89,5 @@ def poisoned(name: str, value: float):
 ])
 def test_server_refuses_a_model_whose_outputs_are_not_finite(tmp_path, hihell_model, change, problem):
     """A diverged or damaged model would sample token 0 forever with a NaN logprob: refused at start."""
-    model = onnx.load(hihell_model)
-    change(model)
-    path = tmp_path / "nan.onnx"
-    onnx.save(model, path)
-    proc = run_stage("serve", "--model", str(path), check=False, timeout=60)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert f"{path}: test run gave " in proc.stderr and problem in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr
+    path, stderr = refusal_of(tmp_path / "nan.onnx", hihell_model, change)
+    assert f"{path}: test run gave " in stderr and problem in stderr, stderr
