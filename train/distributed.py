@@ -87,8 +87,14 @@ def start(world: World, device: torch.device) -> None:
                             device_id=device if device.type == "cuda" else None)
 
 
-def stop(world: World) -> None:
+def stop(world: World, *, finished: bool) -> None:
+    """Leave the process group. A rank that finished waits for the others first: one that tore gloo down
+    and exited while rank 0 was still writing the last checkpoint aborted ("terminate called without an
+    active exception") in 2 of 10 two-process runs, and 0 of 30 with the barrier. A rank leaving on an error
+    skips it, since the others may be inside another collective; torchrun stops them when this one exits."""
     if world.size > 1 and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

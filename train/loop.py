@@ -501,10 +501,13 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run: RunOpti
     nothing_to_do is set when a resumed run had already spent its budget.
     """
     distributed.start(world, _device(cfg.device, world))
+    finished = False
     try:
-        return _train(corpus, model_cfg, cfg, run, world)
+        result = _train(corpus, model_cfg, cfg, run, world)
+        finished = True
+        return result
     finally:
-        distributed.stop(world)
+        distributed.stop(world, finished=finished)
 
 
 def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run: RunOptions, world: World) -> dict:
