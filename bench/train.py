@@ -1,8 +1,9 @@
 """Our training loop against a plain PyTorch loop of the same model, batch and window, and the FLOP/s both
 reach against a matmul peak measured in the same run.
 
-    .venv/bin/python bench/train.py                                     # GRU 2x256, B 32, T 128, 40 steps
+    .venv/bin/python bench/train.py                                     # GRU 2x256, B 32, T 64, 40 steps
     .venv/bin/python bench/train.py --corpus ../shared/data/tinyshakespeare.txt --cell lstm --rounds 3
+    .venv/bin/python bench/train.py --grid 1,2 16,32,64 64,128,256 --steps 20   # chars/s per threads x B x T
 
 "ours" is train.loop.train() as `python -m train` runs it (no validation split, so only training is timed: its
 own train_seconds); "plain" is the textbook loop: embedding -> nn.GRU -> Linear, cross-entropy, AdamW,
@@ -93,6 +94,33 @@ def plain(corpus, model_cfg: ModelConfig, batch: int, seq_len: int, steps: int) 
     return steps * batch * seq_len / (time.perf_counter() - began)
 
 
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",")]
+
+
+def grid(corpus, model_cfg: ModelConfig, threads: list[int], batches: list[int], windows: list[int],
+         steps: int, rounds: int) -> int:
+    """chars/s of our loop for every threads x batch x window, rounds interleaved, best round of each."""
+    combos = [(t, b, w) for t in threads for b in batches for w in windows]
+    rates: dict[tuple[int, int, int], list[float]] = {c: [] for c in combos}
+    for _ in range(rounds):
+        for combo in combos:
+            torch.set_num_threads(combo[0])
+            ours(corpus, model_cfg, combo[1], combo[2], 2)  # warm this shape
+            rates[combo].append(ours(corpus, model_cfg, combo[1], combo[2], steps))
+    per_char = flops_per_char(model_cfg)
+    print(f"{model_cfg.cell} {model_cfg.num_layers}x{model_cfg.hidden_size}, {steps} steps x {rounds} rounds; "
+          f"{per_char / 1e6:.2f} MFLOP per char")
+    print(f"{'threads':>7}{'batch':>7}{'window':>8}{'chars/s':>10}{'GFLOP/s':>9}{'steps/s':>9}   rounds")
+    for (t, b, w), values in rates.items():
+        best = max(values)
+        print(f"{t:>7}{b:>7}{w:>8}{best:>10,.0f}{best * per_char / 1e9:>9.2f}{best / (b * w):>9.2f}   "
+              + ", ".join(f"{v:,.0f}" for v in values))
+    print(json.dumps({"grid": [{"threads": t, "batch": b, "window": w, "chars_per_s": max(v), "rounds": v}
+                               for (t, b, w), v in rates.items()]}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default=None, help="as python -m train takes it (default: the embedded corpus)")
@@ -100,17 +128,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--steps", type=int, default=40, help="timed steps per round and loop")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--matmul", type=int, default=1024, help="the peak's square matrix size")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: as python -m train)")
+    p.add_argument("--grid", nargs=3, metavar=("THREADS", "BATCHES", "WINDOWS"), default=None,
+                   help="instead of ours vs plain: our chars/s for every combination of the comma-separated "
+                        "lists, e.g. --grid 1,2 16,32,64 64,128,256")
     args = p.parse_args(argv)
     threads = args.threads or distributed.default_threads(distributed.ONE)
     torch.set_num_threads(threads)
     corpus = load_corpus(args.corpus)
     model_cfg = ModelConfig(vocab_size=len(corpus.vocab), cell=args.cell, num_layers=args.layers,
                             hidden_size=args.hidden)
+    if args.grid:
+        return grid(corpus, model_cfg, *(_ints(g) for g in args.grid), args.steps, args.rounds)
     shape = (corpus, model_cfg, args.batch_size, args.seq_len, args.steps)
     ours(*shape[:-1], 2), plain(*shape[:-1], 2)  # warm both: allocator, thread pool, first-call dispatch
     rates: dict[str, list[float]] = {"ours": [], "plain": []}

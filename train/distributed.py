@@ -100,7 +100,8 @@ def stop(world: World, *, finished: bool) -> None:
 
 def default_threads(world: World) -> int:
     """Torch threads per process: the cores shared out among this node's ranks; one process keeps half the
-    cores (OpenMP threads that share a core with other work spin-wait and ran 30x slower on 2-core machines)."""
+    cores: OpenMP threads that share a core with other work spin-wait (on 2 cores, 2 threads trained 1.39x
+    faster than 1 alone and 2.6x slower than 1 beside one busy process: bench/train.py --grid)."""
     cores = os.cpu_count() or 2
     return max(1, cores // 2 if world.local_size == 1 else cores // world.local_size)
 
