@@ -106,6 +106,9 @@ def test_the_job_trains_then_exports_as_compose_does():
     claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
               for v in spec["volumes"] if "persistentVolumeClaim" in v}
     assert claims == {"artifacts": "charrnn-artifacts"}
+    # A stop during a validation (~20 s on a busy host) must still end in a saved last.pt, not a kill.
+    assert float(compose["train"]["stop_grace_period"].rstrip("s")) >= 60
+    assert spec["terminationGracePeriodSeconds"] >= 60
 
 
 def test_the_trainer_accepts_the_jobs_command():
