@@ -28,6 +28,7 @@ declare -A RECIPES=(
   [cpu-131-b64t64]="--threads 2 --batch-size 64 --seq-len 64 --time-budget 131"                        # 1.5250 / 1.4960
   [cpu-131-b32t64]="--threads 2 --batch-size 32 --seq-len 64 --time-budget 131"                        # 1.5096 / 1.4787
   # --- the 20 min runs ---
+  [cpu-1200-gru384]="--threads 2 --hidden 384 --dropout 0.15 --batch-size 32 --seq-len 64 --lr 4e-3 --eval-every 500 --time-budget 1200"  # 1.4682 / 1.4387, 7141 steps
   [cpu-1200-gru512-lr6]="--threads 2 --hidden 512 --dropout 0.25 --batch-size 64 --seq-len 64 --lr 6e-3 --eval-every 400 --time-budget 1200"  # 1.6393 / 1.6217 at step 800 of 2510, then worse
 )
 
