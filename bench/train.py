@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from train import distributed
+from train.__main__ import PRESETS
 from train.data import load_corpus, streams
 from train.loop import RunOptions, TrainConfig, train
 from train.model import CharRNN, ModelConfig
@@ -124,11 +125,12 @@ def grid(corpus, model_cfg: ModelConfig, threads: list[int], batches: list[int],
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default=None, help="as python -m train takes it (default: the embedded corpus)")
-    p.add_argument("--cell", default="gru", choices=sorted(GATES))
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=64)
+    text = PRESETS["text"]  # what `python -m train` trains by default, so the two cannot drift apart
+    p.add_argument("--cell", default=text["cell"], choices=sorted(GATES))
+    p.add_argument("--layers", type=int, default=text["layers"])
+    p.add_argument("--hidden", type=int, default=text["hidden"])
+    p.add_argument("--batch-size", type=int, default=text["batch_size"])
+    p.add_argument("--seq-len", type=int, default=text["seq_len"])
     p.add_argument("--steps", type=int, default=40, help="timed steps per round and loop")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--matmul", type=int, default=1024, help="the peak's square matrix size")
