@@ -1,5 +1,5 @@
 """Domain exceptions, raised anywhere in serve/; serve/api/status.py is the one place that maps them to
-gRPC status codes (the interceptor chain in serve/api/interceptors.py applies it to every call)."""
+gRPC status codes (the interceptor chain in serve/api/grpc/interceptors.py applies it to every call)."""
 
 from __future__ import annotations
 

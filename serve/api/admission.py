@@ -1,6 +1,6 @@
 """Whether a CharRNN call may start now: the shutdown drain and the concurrent-call limit.
 
-The admission interceptor (serve/api/interceptors.py) asks the gate as every CharRNN call starts and
+The admission interceptor (serve/api/grpc/interceptors.py) asks the gate as every CharRNN call starts and
 tells it when the call ends; health and reflection never pass through it, so orchestrators can always
 probe. The gate lives on the event loop thread only (no locks). It knows the task of every call in
 flight, so a shutdown can wait for them to finish and, when grace runs out, cancel them with a reason

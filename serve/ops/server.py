@@ -32,13 +32,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serve.api.admission import Gate
-from serve.api.inference import InferenceServicer
-from serve.api.interceptors import chain
+from serve.api.grpc.inference import InferenceServicer
+from serve.api.grpc.interceptors import chain
+from serve.api.grpc.servicer import CharRNNServicer
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 from serve.api.pb.inference import grpc_service_pb2 as inference_pb
 from serve.api.pb.inference import grpc_service_pb2_grpc as inference_grpc
-from serve.api.servicer import CharRNNServicer
 from serve.engine.protocol import Engine, EngineState
 from serve.engine.runtime import read_model
 from serve.errors import ConfigError, DeviceError, EngineFailure, EngineLost, ModelError

@@ -6,7 +6,7 @@ ModelInfer runs the raw ONNX contract: `input_ids` INT64 [batch, seq] and `state
 one `Engine.infer` call, so the rows of every caller (Generate, Predict, Step, ModelInfer) batch
 together in the engine. Under a sequence (serve/service/sequences.py) the server holds the state.
 
-The servicer (serve/api/inference.py) converts protobuf to these records and back; nothing here knows
+The servicer (serve/api/grpc/inference.py) converts protobuf to these records and back; nothing here knows
 about gRPC. Every error names the tensor (or parameter) it is about.
 """
 

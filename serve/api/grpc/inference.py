@@ -1,7 +1,7 @@
 """The KServe v2 servicer (inference.GRPCInferenceService): converts protobuf messages to calls of the
 transport-free InferenceService (serve/service/inference.py) and back, nothing more.
 
-Auth, admission, errors, metrics and the log line are the interceptors' (serve/api/interceptors.py), as
+Auth, admission, errors, metrics and the log line are the interceptors' (serve/api/grpc/interceptors.py), as
 for CharRNN. ModelStreamInfer is the exception that proves it: one request's error there is that
 response's error_message (the status mapping's message) and the stream goes on, as Triton does.
 """
@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator
 import grpc
 
 from serve.api.admission import Gate
-from serve.api.interceptors import Context  # grpc.aio.ServicerContext, for any rpc
+from serve.api.grpc.interceptors import Context  # grpc.aio.ServicerContext, for any rpc
+from serve.api.grpc.tensors import inputs_of, response_of, sequence_of
 from serve.api.pb.inference import grpc_service_pb2 as pb
 from serve.api.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from serve.api.status import status_of
-from serve.api.tensors import inputs_of, response_of, sequence_of
 from serve.service.inference import (
     IDS,
     LOGITS,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from serve.api.interceptors import Context  # grpc.aio.ServicerContext, for any rpc
+from serve.api.grpc.interceptors import Context  # grpc.aio.ServicerContext, for any rpc
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 from serve.engine.protocol import Finish
@@ -21,7 +21,7 @@ def _candidates(prediction: Prediction) -> list[pb.Candidate]:
 
 
 class CharRNNServicer(pb_grpc.CharRNNServicer):
-    """Auth, admission, errors, metrics and the log line are the interceptors' (serve/api/interceptors.py).
+    """Auth, admission, errors, metrics and the log line are the interceptors' (serve/api/grpc/interceptors.py).
 
     Each call runs on the model that is current as it starts, to its end (serve/service/models.py)."""
 
