@@ -1,5 +1,6 @@
 """Domain exceptions, raised anywhere in serve/; serve/api/status.py is the one place that maps them to
-gRPC status codes (the interceptor chain in serve/api/grpc/interceptors.py applies it to every call)."""
+gRPC status codes and HTTP statuses (the interceptor chain in serve/api/grpc/interceptors.py and the call
+wrapper in serve/api/http/calls.py apply it to every call)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,25 @@ class ServeError(Exception):
 
 
 class InvalidArgument(ServeError):
-    """The request is malformed: a bad parameter, an unknown character, unusable state bytes."""
+    """The request is malformed: a bad parameter, an unknown character, unusable state bytes. `param`
+    names the request field at fault where one is (OpenAI's errors carry it)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class TooLarge(ServeError):
+    """The request body is larger than --max-message-bytes (gRPC refuses such a message itself)."""
 
 
 class NotFound(ServeError):
-    """The request names a model (or version) this server does not hold (KServe's ModelInfer and friends)."""
+    """The request names a model (or version) this server does not hold (KServe's ModelInfer and friends);
+    `param` names the request field, as InvalidArgument's does."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class StateFromAnotherModel(ServeError):

@@ -1,4 +1,5 @@
-"""The one place that maps domain errors (serve/errors.py), and calls gRPC ended, to gRPC status codes."""
+"""The one place that maps domain errors (serve/errors.py), and calls gRPC ended, to gRPC status codes and
+HTTP statuses: both transports take their answer to a refused or failed call from `status_of`."""
 
 from __future__ import annotations
 
@@ -15,30 +16,41 @@ from serve.errors import (
     ResourceExhausted,
     ServeError,
     StateFromAnotherModel,
+    TooLarge,
     Unauthenticated,
     Unavailable,
 )
 
-_STATUS: dict[type[ServeError], grpc.StatusCode] = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-    EngineFailure: grpc.StatusCode.UNAVAILABLE,
-    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    ModelError: grpc.StatusCode.FAILED_PRECONDITION,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    ModelChanged: grpc.StatusCode.FAILED_PRECONDITION,
-    StateFromAnotherModel: grpc.StatusCode.FAILED_PRECONDITION,
+# Checked in order (a subclass before its base): (gRPC code, HTTP status). FAILED_PRECONDITION is 400 over
+# HTTP, as in Google's own mapping of the codes; a too-large body is gRPC's RESOURCE_EXHAUSTED but HTTP's 413.
+_STATUS: dict[type[ServeError], tuple[grpc.StatusCode, int]] = {
+    InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, 400),
+    Unavailable: (grpc.StatusCode.UNAVAILABLE, 503),
+    EngineFailure: (grpc.StatusCode.UNAVAILABLE, 503),
+    ResourceExhausted: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    TooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401),
+    ModelError: (grpc.StatusCode.FAILED_PRECONDITION, 400),
+    NotFound: (grpc.StatusCode.NOT_FOUND, 404),
+    ModelChanged: (grpc.StatusCode.FAILED_PRECONDITION, 400),
+    StateFromAnotherModel: (grpc.StatusCode.FAILED_PRECONDITION, 400),
 }
+INTERNAL = (grpc.StatusCode.INTERNAL, 500, "internal error")
+
+
+def answer_of(error: BaseException) -> tuple[grpc.StatusCode, int, str]:
+    """The gRPC code, the HTTP status and the client-facing message for an exception raised by a handler;
+    anything that is not a domain error is INTERNAL / 500 with a message that gives nothing away."""
+    for kind, (code, http) in _STATUS.items():
+        if isinstance(error, kind):
+            return code, http, str(error)
+    return INTERNAL
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and client-facing message for an exception raised by a handler; anything that is
-    not a domain error is INTERNAL with a message that gives nothing away."""
-    for kind, code in _STATUS.items():
-        if isinstance(error, kind):
-            return code, str(error)
-    return grpc.StatusCode.INTERNAL, "internal error"
+    """The gRPC status code and message for an exception (see answer_of)."""
+    code, _, message = answer_of(error)
+    return code, message
 
 
 def ended_under(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode | None:

@@ -43,6 +43,7 @@ class SamplingParams:
     top_k: int = 0            # 0 = off
     top_p: float = 1.0        # 1 = off
     seed: int | None = None   # None = a fresh random seed
+    alternatives: int = 0     # report this many most likely characters (temperature 1) beside each one drawn
 
 
 class Engine(Protocol):

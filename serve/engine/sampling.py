@@ -37,7 +37,8 @@ class RowParams:
     top_p: in (0, 1], 1 = off.
     """
 
-    def __init__(self, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> None:
+    def __init__(self, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
+                 alternatives: np.ndarray | None = None) -> None:
         self.greedy = np.asarray(temperature) == 0
         self.any_greedy = bool(self.greedy.any())
         t = np.where(self.greedy, 1.0, temperature).astype(np.float64)
@@ -50,6 +51,10 @@ class RowParams:
         self.use_p = self.top_p < 1.0
         self.any_p = bool(self.use_p.any())
         self._k_for: dict[int, tuple[np.ndarray, np.ndarray, bool]] = {}
+        # Rows that want their top alternatives reported (OpenAI's logprobs), and how many at most.
+        wanted = np.zeros(len(t), dtype=np.int64) if alternatives is None else np.asarray(alternatives, np.int64)
+        self.alternative_rows = np.flatnonzero(wanted)
+        self.alternatives = wanted
 
     def top_k_rows(self, vocab: int) -> tuple[np.ndarray, np.ndarray, bool]:
         """(rows that filter by top_k, their k-1 index (0 elsewhere), any) for this vocabulary size."""
@@ -93,6 +98,23 @@ def sample(logits: np.ndarray, params: RowParams, uniforms: np.ndarray) -> tuple
         tokens = np.where(params.greedy, logits.argmax(axis=1), tokens)
     # log-probabilities of the chosen tokens only: the other V-1 are never looked at
     return tokens, shifted[params.rows, tokens] - np.log(total)
+
+
+def logprobs(logits: np.ndarray) -> np.ndarray:
+    """Every token's log-probability at temperature 1 for each row of logits [m, V], computed as `sample`
+    computes the drawn token's, so that the two agree to the bit."""
+    x = logits.astype(np.float64)
+    shifted = x - x.max(axis=1, keepdims=True)
+    out: np.ndarray = shifted - np.log(np.exp(shifted).sum(axis=1))[:, None]
+    return out
+
+
+def top_logprobs(logits: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The n most likely tokens of each row of logits [m, V] (most likely first, lowest id on ties) and their
+    log-probabilities (`logprobs`)."""
+    logp = logprobs(logits)
+    top = np.argsort(-logp, axis=1, kind="stable")[:, :min(n, logits.shape[1])]
+    return top, np.take_along_axis(logp, top, axis=1)
 
 
 def most_likely(logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

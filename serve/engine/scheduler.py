@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 Work = Stream | Job | Stop
 JobOutcome = tuple[Job, Result | None, BaseException | None]  # (job, its result, or the error it failed with)
+# The top alternatives of the rows that asked for them: (row indices into the call's rows, token ids [m, K],
+# their log-probabilities [m, K]), K the largest number any of those rows asked for.
+Alternatives = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 class Inbox(Protocol):
@@ -49,8 +52,10 @@ class Inbox(Protocol):
 class Sink(Protocol):
     """Where the scheduler's output goes; called on the scheduler's thread."""
 
-    def chars(self, rows: list[Stream], tokens: list[int], logprobs: np.ndarray, finishes: list[Finish]) -> None:
-        """One character for each row (stream rows[i] got tokens[i]); `Stream.done` is already set."""
+    def chars(self, rows: list[Stream], tokens: list[int], logprobs: np.ndarray, finishes: list[Finish],
+              alternatives: Alternatives | None = None) -> None:
+        """One character for each row (stream rows[i] got tokens[i]); `Stream.done` is already set. A row
+        with alternatives gets them before its character (see Stream.alternatives)."""
 
     def results(self, outcomes: list[JobOutcome]) -> None: ...
 
@@ -73,7 +78,8 @@ class _Batch:
 def row_params(rows: list[Stream]) -> sampling.RowParams:
     return sampling.RowParams(np.array([s.params.temperature for s in rows], dtype=np.float64),
                               np.array([s.params.top_k for s in rows], dtype=np.int64),
-                              np.array([s.params.top_p for s in rows], dtype=np.float64))
+                              np.array([s.params.top_p for s in rows], dtype=np.float64),
+                              np.array([s.params.alternatives for s in rows], dtype=np.int64))
 
 
 # Characters (rows x sequence length) in one prefill or Predict/Step call. The call's logits alone are
@@ -261,7 +267,12 @@ class Scheduler:
         tokens, logprobs = sampling.sample(logits, params, uniforms)
         chosen = tokens.tolist()
         finishes = [s.emitted(t) for s, t in zip(rows, chosen, strict=True)]
-        self.sink.chars(rows, chosen, logprobs, finishes)
+        alternatives = None
+        wanted = params.alternative_rows
+        if len(wanted):  # only the rows that asked pay for the sort
+            ids, top = sampling.top_logprobs(logits[wanted], int(params.alternatives[wanted].max()))
+            alternatives = (wanted, ids, top)
+        self.sink.chars(rows, chosen, logprobs, finishes, alternatives)
         return any(finishes)
 
     def _step(self, riders: list[Job] | None = None) -> bool:

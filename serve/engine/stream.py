@@ -19,6 +19,7 @@ import numpy as np
 from serve.engine.protocol import Finish, SamplingParams
 
 Item = tuple[int, float, Finish]  # one character: (token id, log-probability, finish)
+Alternative = tuple[list[int], list[float]]  # the most likely token ids at one position, their log-probabilities
 
 
 class Reader(Protocol):
@@ -56,6 +57,10 @@ class Stream:
         self._reader = reader
         self.tail = ""
         self._items: collections.deque[Item] = collections.deque()
+        # With params.alternatives: one entry per character, appended before the character itself, so that
+        # whoever pops a character finds its alternatives here (popleft one per character).
+        self.alternatives: collections.deque[Alternative] | None = (
+            collections.deque() if params.alternatives else None)
         self._waiter: asyncio.Future[None] | None = None
         self.produced = 0
         self.consumed = 0
@@ -118,6 +123,13 @@ class Stream:
                     await waiter
             finally:
                 self._waiter = None
+
+    def push_alternatives(self, ids: np.ndarray, logprobs: np.ndarray) -> None:
+        """Engine side (or whoever delivers), before `push`ing the character: its top alternatives, cut to
+        the number this stream asked for."""
+        if self.alternatives is not None:
+            n = self.params.alternatives
+            self.alternatives.append((ids[:n].tolist(), logprobs[:n].tolist()))
 
     def push(self, item: Item) -> bool:
         """Engine side (or whoever delivers): queues one character; True if the consumer waits for it

@@ -21,7 +21,7 @@ import numpy as np
 
 from serve.engine.protocol import EngineState, Finish, SamplingParams, StepMetrics
 from serve.engine.runtime import Runtime
-from serve.engine.scheduler import JobOutcome, Scheduler, Work
+from serve.engine.scheduler import Alternatives, JobOutcome, Scheduler, Work
 from serve.engine.stream import Job, Result, Stop, Stream
 from serve.errors import Unavailable
 from serve.ops.metrics import Metrics
@@ -80,7 +80,11 @@ class _LoopSink:
         self._outbox: collections.deque[tuple[Callable[[Any], None], Any]] = collections.deque()
         self._wake_pending = False
 
-    def chars(self, rows: list[Stream], tokens: list[int], logprobs: np.ndarray, finishes: list[Finish]) -> None:
+    def chars(self, rows: list[Stream], tokens: list[int], logprobs: np.ndarray, finishes: list[Finish],
+              alternatives: Alternatives | None = None) -> None:
+        if alternatives is not None:
+            for row, ids, top in zip(*alternatives, strict=True):
+                rows[row].push_alternatives(ids, top)
         waiting = [s for s, token, logprob, finish in zip(rows, tokens, logprobs.tolist(), finishes, strict=True)
                    if s.push((token, logprob, finish))]
         if waiting:

@@ -38,8 +38,10 @@ class Metrics:
         self.active_streams = Gauge("charrnn_active_streams",
                                     "CharRNN calls in flight (what --max-streams limits)", registry=r,
                                     multiprocess_mode="livesum")  # workers: the sum over those alive
-        self.calls = Counter("charrnn_calls", "finished CharRNN calls by rpc and gRPC status code",
-                             ["rpc", "code"], registry=r)
+        # surface: grpc or http; code: the gRPC status code's name on both (serve/api/status.py maps each
+        # refusal to one code and one HTTP status), so one query counts a kind of refusal on both transports.
+        self.calls = Counter("charrnn_calls", "finished API calls by rpc (or HTTP route), status code and surface",
+                             ["rpc", "code", "surface"], registry=r)
         self.characters = Counter("charrnn_characters_generated", "characters sampled for Generate streams",
                                   registry=r)
         self.cancelled_streams = Counter(
@@ -51,8 +53,8 @@ class Metrics:
         self.step_seconds = Histogram("charrnn_step_seconds", "seconds per onnxruntime step call",
                                       buckets=_STEP_BUCKETS, registry=r)
         self.time_to_first_char = Histogram("charrnn_time_to_first_char_seconds",
-                                            "Generate: seconds from the call's start to its first character",
-                                            buckets=_TTFC_BUCKETS, registry=r)
+                                            "Generate and streamed completions: seconds from the call's start "
+                                            "to its first character", ["surface"], buckets=_TTFC_BUCKETS, registry=r)
         # A fleet's model rollout in one query: `count by (sha256) (charrnn_model_info)` is 1 row when every
         # replica serves one model (serve/ops/reload.py keeps the gauge on the model served now).
         self.model_info = Gauge("charrnn_model_info", "1 for the model this server serves, by its file's SHA-256",

@@ -20,6 +20,7 @@ with UNAVAILABLE and a message saying so. The process then exits 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import ssl
@@ -35,6 +36,9 @@ from serve.api.admission import Gate
 from serve.api.grpc.inference import InferenceServicer
 from serve.api.grpc.interceptors import chain
 from serve.api.grpc.servicer import CharRNNServicer
+from serve.api.http.app import build_app
+from serve.api.http.calls import Policies
+from serve.api.http.server import HttpServer, bind
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 from serve.api.pb.inference import grpc_service_pb2 as inference_pb
@@ -47,6 +51,7 @@ from serve.ops.metrics import Metrics
 from serve.ops.reload import ModelWatcher, file_id, load_model
 from serve.ops.settings import Settings
 from serve.ops.version import project_version
+from serve.ops.workers import http_line
 from serve.process.proxy import MAX_RESTARTS
 from serve.service.models import Model, ModelSlot
 from serve.service.sequences import Sequences
@@ -67,8 +72,9 @@ class Server:
 
     def __init__(self, grpc_server: grpc.aio.Server, models: ModelSlot, watcher: ModelWatcher,
                  health_servicer: health.aio.HealthServicer, gate: Gate, metrics: Metrics, address: str,
-                 provider: str, metrics_port: int | None) -> None:
+                 provider: str, metrics_port: int | None, http: HttpServer | None = None) -> None:
         self.grpc = grpc_server
+        self.http = http  # None: --http-port -1
         self.models = models
         self.watcher = watcher
         self.health = health_servicer
@@ -93,6 +99,8 @@ class Server:
         model.engine.start(asyncio.get_running_loop())
         self.metrics.model_info.labels(model.sha256).set(1)
         await self.grpc.start()
+        if self.http is not None:
+            await self.http.start()
         await self._set_health((*READINESS, LIVENESS), SERVING)
         self.watcher.start(self.activate)
 
@@ -139,10 +147,22 @@ class Server:
         await self.watcher.close()
         await self.health.enter_graceful_shutdown()
         self.gate.draining = True
-        await self.grpc.stop(grace)
+        if self.http is None:
+            await self.grpc.stop(grace)
+        else:  # both transports' calls in flight get the grace, side by side
+            await asyncio.gather(self.grpc.stop(grace), self._stop_http(grace))
         self._stop_engines()
         await self.models.stopped()
         self.metrics.close()
+
+    async def _stop_http(self, grace: float | None) -> None:
+        """HTTP calls in flight get `grace` seconds (as gRPC's do), then are cut; then uvicorn closes."""
+        assert self.http is not None
+        if self.gate.calls and grace:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.gate.wait_idle()), timeout=grace)
+        self.gate.abort_all(self.gate.abort_reason or "the server is shutting down")
+        await self.http.stop()
 
     def _stop_engines(self, reason: str = "the server is shutting down") -> None:
         for model in self.models.models:
@@ -257,12 +277,18 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
             port = 0
         if port == 0:
             raise OSError(f"cannot bind {host}:{settings.port} (in use, or not an address of this host)")
+        http = None
+        if settings.http_port >= 0:
+            policies = Policies(gate, metrics, settings.auth_token, settings.max_message_bytes)
+            app = build_app(models, policies, settings.model_name, version)
+            tls = (settings.tls_cert, settings.tls_key, settings.tls_client_ca) if credentials else None
+            http = HttpServer(app, bind(settings.host, settings.http_port, reuse_port), tls)
         metrics_port = metrics.serve(settings.host, settings.metrics_port) if settings.metrics_port >= 0 else None
     except BaseException:
         engine.stop("the server did not start")
         raise
     return Server(server, models, watcher, health_servicer, gate, metrics, f"{host}:{port}", provider,
-                  metrics_port), port
+                  metrics_port, http), port
 
 
 StopRequests = Callable[[asyncio.AbstractEventLoop, Callable[[], None]], None]
@@ -279,6 +305,7 @@ def print_ready(settings: Settings, address: str, provider: str) -> None:
     print(f"charrnn serving {settings.model} on {address} ({provider})", flush=True)
 
 
+
 async def serve(settings: Settings, reuse_port: bool = False,
                 ready: Callable[[Settings, str, str], None] = print_ready,
                 stop_requests: StopRequests = on_signals) -> None:
@@ -287,6 +314,8 @@ async def serve(settings: Settings, reuse_port: bool = False,
     server, _ = create_server(settings, reuse_port)
     await server.start()
     ready(settings, server.address, server.provider)
+    if server.http is not None and ready is print_ready:  # a --workers child: the parent prints it
+        print(http_line(settings, server.http.port), flush=True)
     if server.metrics_port is not None:
         line = f"charrnn metrics on http://{settings.address_host}:{server.metrics_port}/metrics"
         if ready is print_ready:

@@ -24,6 +24,9 @@ class Settings:
     model: str = field(metadata={"help": "the exported .onnx file (the only thing the server reads)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind; containers use 0.0.0.0"})
     port: int = field(default=0, metadata={"help": "port to bind (0-65535); 0 picks a free one (printed when ready)"})
+    http_port: int = field(default=0, metadata={
+        "help": "HTTP port on the same host (the OpenAI-compatible API and KServe v2 REST): 0 picks a free one "
+                "(printed when ready), -1 = no HTTP"})
     device: str = field(default="auto", metadata={
         "help": "auto (CUDA when onnxruntime offers it, else CPU), cpu, or cuda (fail without CUDA)",
         "choices": ("auto", "cpu", "cuda")})
@@ -55,12 +58,13 @@ class Settings:
                 "can mint a valid state from the public model SHA-256 (set it through the environment: a flag "
                 "shows in the process list)"})
     max_streams: int = field(default=1024, metadata={
-        "help": "concurrent CharRNN and KServe calls (health and KServe's probes excluded); one more is refused at "
-                "once with RESOURCE_EXHAUSTED, never queued"})
+        "help": "concurrent API calls, gRPC and HTTP together (health and KServe's probes excluded); one more is "
+                "refused at once with RESOURCE_EXHAUSTED (HTTP 429), never queued"})
     max_prompt_chars: int = field(default=10_000, metadata={
         "help": "upper limit on the characters of a prompt and of one Predict/Step text (INVALID_ARGUMENT above)"})
     max_message_bytes: int = field(default=1 << 20, metadata={
-        "help": "largest request message gRPC accepts; larger ones get RESOURCE_EXHAUSTED from gRPC itself"})
+        "help": "largest request message gRPC accepts, and largest HTTP request body; larger ones get "
+                "RESOURCE_EXHAUSTED from gRPC itself, 413 over HTTP"})
     grace: float = field(default=30.0, metadata={
         "help": "seconds that calls in flight get to finish after SIGTERM (a second SIGTERM cuts them at once)"})
     metrics_port: int = field(default=-1, metadata={
@@ -83,8 +87,9 @@ class Settings:
                 "serves new calls while calls in flight finish on the old one; a bad or missing file is refused "
                 "(logged, counted) and the old model kept; 0 = no polling; SIGHUP checks at once either way"})
     auth_token: str = field(default="", repr=False, metadata={
-        "help": "require metadata 'authorization: Bearer <token>' on every CharRNN and KServe call (health and "
-                "KServe's probes stay open); set it through the environment: a flag shows in the process list"})
+        "help": "require metadata 'authorization: Bearer <token>' on every CharRNN and KServe call, and the header "
+                "'Authorization: Bearer <token>' on every HTTP API call (health and KServe's probes stay open); set "
+                "it through the environment: a flag shows in the process list"})
 
     @property
     def address_host(self) -> str:
@@ -95,7 +100,8 @@ class Settings:
 # Inclusive bounds; anything not named here must be >= 0. Ports stop at 65535: a larger number is not a
 # port, and --port 70000 used to bind without a word.
 _RANGE: dict[str, tuple[float, float | None]] = {
-    "port": (0, 65535), "metrics_port": (-1, 65535), "max_batch": (1, None), "max_chars": (1, None),
+    "port": (0, 65535), "http_port": (-1, 65535), "metrics_port": (-1, 65535), "max_batch": (1, None),
+    "max_chars": (1, None),
     "threads": (1, None), "workers": (1, None), "max_streams": (1, None), "max_prompt_chars": (1, None),
     "max_message_bytes": (1024, None), "max_sequences": (1, None),
     "sequence_idle_seconds": (0.001, None)}
@@ -121,7 +127,7 @@ def _number(name: str, kind: type[int] | type[float]) -> Any:
 def parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The parser, with defaults from `environ` (os.environ when None); a bad variable exits 2 here."""
     environ = os.environ if environ is None else environ
-    p = argparse.ArgumentParser(prog="python -m serve", description="Serve a charrnn ONNX model over gRPC.",
+    p = argparse.ArgumentParser(prog="python -m serve", description="Serve a charrnn ONNX model over gRPC and HTTP.",
                                 epilog="Every flag can also be set as CHARRNN_<NAME>, e.g. CHARRNN_PORT=50051.")
     for f in fields(Settings):
         env = PREFIX + f.name.upper()

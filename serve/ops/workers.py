@@ -1,9 +1,9 @@
 """Several server processes on one port (`--workers N`), gRPC's documented multiprocessing pattern.
 
 Python serves gRPC from one core per process (the GIL), so more cores need more processes. The parent
-reserves the port with SO_REUSEPORT (so port 0 still works), starts N spawned children that each load the
-model and bind the same port with SO_REUSEPORT, and prints one ready line once all are up. The kernel
-spreads incoming *connections* across the children; every call on a connection stays with its process, so
+reserves the port (and the HTTP port) with SO_REUSEPORT (so port 0 still works), starts N spawned children
+that each load the model and bind the same ports with SO_REUSEPORT, and prints the ready lines once all are up.
+The kernel spreads incoming *connections* across the children; every call on a connection stays with its process, so
 a Generate or Predict stream lives in one process, and Step needs no affinity at all because its state
 travels with the request.
 
@@ -41,6 +41,12 @@ from serve.ops.settings import Settings
 
 if TYPE_CHECKING:  # for the annotation only, as _child imports the server where it runs
     from serve.ops.server import StopRequests
+
+
+def http_line(settings: Settings, port: int) -> str:
+    """The ready line that names the HTTP address (https with --tls-cert), after the gRPC one."""
+    scheme = "https" if settings.tls_cert else "http"
+    return f"charrnn http on {scheme}://{settings.address_host}:{port}"
 
 log = logging.getLogger(__name__)
 START_TIMEOUT = 120.0  # seconds for every child to load the model and bind
@@ -149,6 +155,14 @@ def run_workers(settings: Settings) -> int:
     try:
         with contextlib.ExitStack() as stack:
             port = stack.enter_context(reserve_port(settings.host, settings.port))
+            http_port = -1
+            if settings.http_port >= 0:
+                try:
+                    http_port = stack.enter_context(reserve_port(settings.host, settings.http_port))
+                except OSError as error:
+                    print(f"charrnn serve: --http-port {settings.http_port}: cannot bind: {error}",
+                          file=sys.stderr, flush=True)
+                    return 2
             endpoint = None
             if settings.metrics_port >= 0:
                 try:
@@ -158,7 +172,7 @@ def run_workers(settings: Settings) -> int:
                     print(f"charrnn serve: --metrics-port {settings.metrics_port}: cannot bind: {error}",
                           file=sys.stderr, flush=True)
                     return 2
-            return _supervise(settings, port, stop, endpoint)
+            return _supervise(replace(settings, http_port=http_port), port, stop, endpoint)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -192,6 +206,8 @@ def _supervise(settings: Settings, port: int, stop: _Stop, endpoint: SharedEndpo
     if provider is not None:
         print(f"charrnn serving {settings.model} on {settings.address_host}:{port} ({provider}, {settings.workers} "
               f"worker processes)", flush=True)
+        if settings.http_port >= 0:
+            print(http_line(settings, settings.http_port), flush=True)
         if endpoint is not None:
             print(f"charrnn metrics on http://{settings.address_host}:{endpoint.port}/metrics", flush=True)
     running = list(children)

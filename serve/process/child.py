@@ -20,7 +20,7 @@ import numpy as np
 
 from serve.engine.protocol import Finish
 from serve.engine.runtime import Runtime
-from serve.engine.scheduler import JobOutcome, Scheduler, Work
+from serve.engine.scheduler import Alternatives, JobOutcome, Scheduler, Work
 from serve.engine.stream import Job, Stop, Stream
 from serve.errors import DeviceError, ModelError
 from serve.process import records
@@ -140,13 +140,17 @@ class PipeSink:
         except OSError:  # the server is gone; the next read of stdin (EOF) stops the engine
             pass
 
-    def chars(self, rows: list[Stream], tokens: list[int], logprobs: np.ndarray, finishes: list[Finish]) -> None:
+    def chars(self, rows: list[Stream], tokens: list[int], logprobs: np.ndarray, finishes: list[Finish],
+              alternatives: Alternatives | None = None) -> None:
         if any(finishes):
             for s in rows:
                 if s.done:
                     self._streams.pop(s.key, None)
-        self.write(records.encode(records.Chars([s.key for s in rows], tokens, logprobs, list(finishes),
-                                                *self._tally.take())))
+        record = records.Chars([s.key for s in rows], tokens, logprobs, list(finishes), *self._tally.take())
+        if alternatives is not None:
+            record = record._replace(alternative_rows=alternatives[0], alternative_ids=alternatives[1],
+                                     alternative_logprobs=alternatives[2])
+        self.write(records.encode(record))
 
     def results(self, outcomes: list[JobOutcome]) -> None:
         for job, value, error in outcomes:

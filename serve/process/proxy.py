@@ -24,6 +24,7 @@ new one is ready, and FAILED after MAX_RESTARTS failed starts in a row.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import subprocess
@@ -258,8 +259,8 @@ class ProcessEngine:
         sid = self._new_id()
         stream = Stream(prompt, params, max_chars, stops, self.vocab, key=sid, reader=self)
         self._streams[sid] = stream
-        self._send(records.Generate(sid, prompt, SamplingParams(params.temperature, params.top_k, params.top_p,
-                                                                stream.seed), max_chars, tuple(stops)))
+        self._send(records.Generate(sid, prompt, dataclasses.replace(params, seed=stream.seed), max_chars,
+                                    tuple(stops)))
         return stream
 
     async def predict(self, ids: np.ndarray, state: np.ndarray | None, last_only: bool = False) -> Result:
@@ -362,11 +363,17 @@ class ProcessEngine:
 
     def _chars(self, record: records.Chars) -> None:
         streams = self._streams
+        wanted = {}
+        if len(record.alternative_rows):  # before its character, as Stream.alternatives says
+            wanted = {row: i for i, row in enumerate(record.alternative_rows)}
         rows = zip(record.streams, record.tokens, record.logprobs, record.finishes, strict=True)
-        for sid, token, logprob, finish in rows:
+        for row, (sid, token, logprob, finish) in enumerate(rows):
             stream = streams.get(sid)
             if stream is None:  # cancelled meanwhile
                 continue
+            if wanted and row in wanted:
+                i = wanted[row]
+                stream.push_alternatives(record.alternative_ids[i], record.alternative_logprobs[i])
             if finish:
                 del streams[sid]
             if stream.push((token, logprob, _FINISH[finish])):  # on the loop already: wake it here

@@ -74,7 +74,9 @@ class Ready(NamedTuple):
 
 class Chars(NamedTuple):
     """One step's characters (row i: stream streams[i] got tokens[i]) and the engine's metric updates.
-    Encoded from the step's arrays as they are; decoded into lists."""
+    Encoded from the step's arrays as they are; decoded into lists. The rows that asked for alternatives
+    (OpenAI's logprobs) have them in alternative_rows (indices into the rows) with their token ids and
+    log-probabilities [m, K]; they are empty for everyone else, which costs the hot path two zeros."""
 
     streams: list[int]
     tokens: list[int]
@@ -84,6 +86,9 @@ class Chars(NamedTuple):
     batch_sizes: list[int]
     characters: int
     cancelled: int
+    alternative_rows: list[int] | np.ndarray = np.empty(0, dtype=np.int64)
+    alternative_ids: np.ndarray = np.empty((0, 0), dtype=np.int64)
+    alternative_logprobs: np.ndarray = np.empty((0, 0), dtype=np.float64)
 
 
 class Done(NamedTuple):
@@ -136,7 +141,7 @@ _KIND: dict[type, bytes] = {
 _TYPE = {kind: cls for cls, kind in _KIND.items()}
 _CHARS, _MODEL = _KIND[Chars], _KIND[Model]
 _LENGTH = struct.Struct("<I")
-_CHARS_HEAD = struct.Struct("<IIII")  # rows, step calls, characters counted, streams cancelled
+_CHARS_HEAD = struct.Struct("<IIIIII")  # rows, step calls, characters counted, streams cancelled, alternatives m, K
 
 
 def _frame(kind: bytes, payload: bytes) -> bytes:
@@ -152,26 +157,38 @@ def encode(record: Record) -> bytes:
 
 
 def _encode_chars(r: Chars) -> bytes:
+    m, width = r.alternative_ids.shape if len(r.alternative_rows) else (0, 0)
     return b"".join((
-        _CHARS_HEAD.pack(len(r.streams), len(r.step_seconds), r.characters, r.cancelled),
+        _CHARS_HEAD.pack(len(r.streams), len(r.step_seconds), r.characters, r.cancelled, m, width),
         np.asarray(r.streams, dtype=np.int64).tobytes(), np.asarray(r.tokens, dtype=np.int64).tobytes(),
         np.asarray(r.logprobs, dtype=np.float64).tobytes(), np.asarray(r.finishes, dtype=np.int8).tobytes(),
-        np.asarray(r.step_seconds, dtype=np.float64).tobytes(), np.asarray(r.batch_sizes, dtype=np.int64).tobytes()))
+        np.asarray(r.step_seconds, dtype=np.float64).tobytes(), np.asarray(r.batch_sizes, dtype=np.int64).tobytes(),
+        *((np.asarray(r.alternative_rows, dtype=np.int64).tobytes(),
+           np.ascontiguousarray(r.alternative_ids, dtype=np.int64).tobytes(),
+           np.ascontiguousarray(r.alternative_logprobs, dtype=np.float64).tobytes()) if m else ())))
 
 
 def _decode_chars(payload: bytes) -> Chars:
-    rows, calls, characters, cancelled = _CHARS_HEAD.unpack_from(payload)
+    rows, calls, characters, cancelled, m, width = _CHARS_HEAD.unpack_from(payload)
     at = _CHARS_HEAD.size
 
-    def take(dtype: Any, count: int) -> list[Any]:
+    def array(dtype: Any, count: int) -> np.ndarray:
         nonlocal at
-        array = np.frombuffer(payload, dtype=dtype, count=count, offset=at)
-        at += array.nbytes
-        values: list[Any] = array.tolist()
+        values = np.frombuffer(payload, dtype=dtype, count=count, offset=at)
+        at += values.nbytes
         return values
 
-    return Chars(take(np.int64, rows), take(np.int64, rows), take(np.float64, rows), take(np.int8, rows),
-                 take(np.float64, calls), take(np.int64, calls), characters, cancelled)
+    def take(dtype: Any, count: int) -> list[Any]:
+        values: list[Any] = array(dtype, count).tolist()
+        return values
+
+    chars = Chars(take(np.int64, rows), take(np.int64, rows), take(np.float64, rows), take(np.int8, rows),
+                  take(np.float64, calls), take(np.int64, calls), characters, cancelled)
+    if not m:
+        return chars
+    return chars._replace(alternative_rows=take(np.int64, m),
+                          alternative_ids=array(np.int64, m * width).reshape(m, width),
+                          alternative_logprobs=array(np.float64, m * width).reshape(m, width))
 
 
 def _decode(kind: bytes, payload: bytes) -> Record:

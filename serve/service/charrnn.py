@@ -20,6 +20,7 @@ from serve.service.state_codec import StateCodec
 
 MAX_STOPS = 16        # each stop string is checked after every character: bound the per-character work
 MAX_STOP_CHARS = 256
+MAX_ALTERNATIVES = 20  # per character; OpenAI's completions allow 5, more is for the playground's view
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,15 @@ class Prediction:
 class StepResult:
     state: bytes
     prediction: Prediction
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A text scored by the model: each character's log-probability given the ones before it (the first
+    character's is None: nothing comes before it) and the most likely characters at each position."""
+
+    logprobs: list[float | None]
+    alternatives: list[list[tuple[str, float]] | None]
 
 
 @dataclass(frozen=True)
@@ -76,8 +86,10 @@ class CharRNNService:
             raise InvalidArgument(f"{what} has characters outside the model's vocabulary: {shown}") from None
 
     def generate(self, prompt: str, max_chars: int, temperature: float | None = None, top_k: int = 0,
-                 top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = ()) -> Stream:
-        """Validates a Generate request and starts its stream in the engine."""
+                 top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
+                 alternatives: int = 0) -> Stream:
+        """Validates a Generate request and starts its stream in the engine. alternatives: the stream also
+        reports this many most likely characters at each position (Stream.alternatives)."""
         if not 0 < max_chars <= self.max_chars:
             raise InvalidArgument(f"max_chars must be in 1..{self.max_chars}, got {max_chars}")
         if temperature is None:
@@ -97,7 +109,9 @@ class CharRNNService:
             if len(s) > MAX_STOP_CHARS:
                 raise InvalidArgument(f"stop[{i}] is {len(s)} characters, the limit is {MAX_STOP_CHARS}")
             self.encode(s, f"stop[{i}]")
-        params = SamplingParams(float(temperature), int(top_k), float(top_p), seed)
+        if not 0 <= alternatives <= MAX_ALTERNATIVES:
+            raise InvalidArgument(f"alternatives must be in 0..{MAX_ALTERNATIVES}, got {alternatives}")
+        params = SamplingParams(float(temperature), int(top_k), float(top_p), seed, alternatives)
         return self.engine.generate(ids, params, max_chars, tuple(stop))
 
     def _predictions(self, text: str, logits: np.ndarray, top_k: int) -> list[Prediction]:
@@ -124,6 +138,22 @@ class CharRNNService:
         logits, state_out = await self.engine.predict(ids, self.codec.decode(state), last_only=True)
         last = self._predictions(text[-1], logits[-1:], top_k)[0]
         return StepResult(self.codec.encode(state_out), last)
+
+    async def score(self, text: str, alternatives: int) -> Scored:
+        """Each character's log-probability after the ones before it, and the `alternatives` most likely
+        characters at each position, from one Predict over the text (OpenAI's echo with logprobs)."""
+        ids = self.encode(text, "prompt")
+        if len(ids) < 2:  # the first character has no score: nothing to compute
+            return Scored([None] * len(ids), [None] * len(ids))
+        logits, _ = await self.engine.predict(ids[:-1], None)
+        logp = sampling.logprobs(logits)
+        picked: list[float] = logp[np.arange(len(ids) - 1), ids[1:]].tolist()
+        top = np.argsort(-logp, axis=1, kind="stable")[:, :alternatives]
+        vocab = self.vocab
+        alts: list[list[tuple[str, float]] | None] = [None]
+        for row_ids, row_lps in zip(top.tolist(), np.take_along_axis(logp, top, axis=1).tolist(), strict=True):
+            alts.append([(vocab[i], lp) for i, lp in zip(row_ids, row_lps, strict=True)])
+        return Scored([None, *picked], alts)
 
     def info(self) -> ModelInfo:
         return ModelInfo(self.spec, self.provider, self.max_chars, self.version)

@@ -22,6 +22,13 @@ from serve.engine.protocol import Engine, EngineState
 from serve.errors import InvalidArgument, NotFound
 from serve.service.sequences import SequenceControl, SequenceModel, Sequences
 
+# The protocol's fixed-size datatypes this server can read, as numpy dtypes (little-endian, as the binary
+# forms of both bindings carry them). BYTES is not fixed-size and no input of ours takes it.
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"), "INT8": np.dtype("<i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+}
 VERSION = "1"  # the one version of the one model, as in the Triton repository export writes
 PLATFORM = "onnxruntime_onnx"
 IDS, STATE_IN = "input_ids", "state_in"

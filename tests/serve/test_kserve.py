@@ -292,7 +292,7 @@ def one_call_server(text_model: Path) -> Iterator[LiveServer]:
 def _calls_total(server: LiveServer, rpc: str, code: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=5).read()
     return sum(s.value for family in text_string_to_metric_families(text.decode()) for s in family.samples
-               if s.name == "charrnn_calls_total" and s.labels == {"rpc": rpc, "code": code})
+               if s.name == "charrnn_calls_total" and s.labels == {"rpc": rpc, "code": code, "surface": "grpc"})
 
 
 def test_modelinfer_shares_the_call_limit_and_the_metrics(one_call_server, text):

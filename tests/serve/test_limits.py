@@ -77,7 +77,7 @@ def test_over_capacity_is_refused_at_once_and_health_is_not_counted(limited):
         health = health_pb2_grpc.HealthStub(limited.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         assert metric(limited, "charrnn_active_streams") == 1
-        assert metric(limited, "charrnn_calls_total", rpc="Step", code="RESOURCE_EXHAUSTED") >= 1
+        assert metric(limited, "charrnn_calls_total", rpc="Step", code="RESOURCE_EXHAUSTED", surface="grpc") >= 1
     finally:
         call.cancel()
     wait_for_slot(limited)
@@ -100,8 +100,8 @@ def test_a_cancelled_stream_frees_its_slot_and_stops_computing(limited):
 
 def test_an_expired_deadline_frees_the_slot_and_stops_computing(limited):
     before = metric(limited, "charrnn_cancelled_streams_total")
-    expired = metric(limited, "charrnn_calls_total", rpc="Generate", code="DEADLINE_EXCEEDED")
-    cancelled = metric(limited, "charrnn_calls_total", rpc="Generate", code="CANCELLED")
+    expired = metric(limited, "charrnn_calls_total", rpc="Generate", code="DEADLINE_EXCEEDED", surface="grpc")
+    cancelled = metric(limited, "charrnn_calls_total", rpc="Generate", code="CANCELLED", surface="grpc")
     call = limited.stub.Generate(pb.GenerateRequest(prompt="it", max_chars=100_000), timeout=0.3)
     next(call)
     time.sleep(0.35)  # the client reads nothing more; the deadline passes on the server
@@ -110,8 +110,8 @@ def test_an_expired_deadline_frees_the_slot_and_stops_computing(limited):
         list(call)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert metric(limited, "charrnn_cancelled_streams_total") == before + 1
-    assert metric(limited, "charrnn_calls_total", rpc="Generate", code="DEADLINE_EXCEEDED") == expired + 1
-    assert metric(limited, "charrnn_calls_total", rpc="Generate", code="CANCELLED") == cancelled
+    assert metric(limited, "charrnn_calls_total", rpc="Generate", code="DEADLINE_EXCEEDED", surface="grpc") == expired + 1
+    assert metric(limited, "charrnn_calls_total", rpc="Generate", code="CANCELLED", surface="grpc") == cancelled
     rows = limited.server.engine.stats["step_rows"]
     time.sleep(0.1)
     assert limited.server.engine.stats["step_rows"] == rows
@@ -119,8 +119,8 @@ def test_an_expired_deadline_frees_the_slot_and_stops_computing(limited):
 
 def test_a_deadline_that_passes_while_the_server_waits_for_the_client_is_counted_as_such(limited):
     """Predict waits for the client's next message; the deadline ends it there, not a cancel."""
-    expired = metric(limited, "charrnn_calls_total", rpc="Predict", code="DEADLINE_EXCEEDED")
-    cancelled = metric(limited, "charrnn_calls_total", rpc="Predict", code="CANCELLED")
+    expired = metric(limited, "charrnn_calls_total", rpc="Predict", code="DEADLINE_EXCEEDED", surface="grpc")
+    cancelled = metric(limited, "charrnn_calls_total", rpc="Predict", code="CANCELLED", surface="grpc")
     held = threading.Event()
 
     def requests():
@@ -133,9 +133,9 @@ def test_a_deadline_that_passes_while_the_server_waits_for_the_client_is_counted
     held.set()
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_for_slot(limited)  # the call has ended on the server: its hooks ran
-    deadlines = metric(limited, "charrnn_calls_total", rpc="Predict", code="DEADLINE_EXCEEDED")
+    deadlines = metric(limited, "charrnn_calls_total", rpc="Predict", code="DEADLINE_EXCEEDED", surface="grpc")
     assert deadlines == expired + 1, scrape(limited)
-    assert metric(limited, "charrnn_calls_total", rpc="Predict", code="CANCELLED") == cancelled
+    assert metric(limited, "charrnn_calls_total", rpc="Predict", code="CANCELLED", surface="grpc") == cancelled
 
 
 @pytest.mark.parametrize("call, code, fragment", [
@@ -169,11 +169,11 @@ def test_metrics_count_calls_characters_batches_and_first_characters(limited):
 
     assert len(responses) == 40
     assert delta("charrnn_characters_generated_total") == 40
-    assert delta("charrnn_calls_total", rpc="Generate", code="OK") == 1
-    assert delta("charrnn_calls_total", rpc="Step", code="OK") == 1
+    assert delta("charrnn_calls_total", rpc="Generate", code="OK", surface="grpc") == 1
+    assert delta("charrnn_calls_total", rpc="Step", code="OK", surface="grpc") == 1
     assert delta("charrnn_batch_size_count") == 39 and delta("charrnn_batch_size_sum") == 39  # first: prefill
     assert delta("charrnn_step_seconds_count") == 39 and delta("charrnn_step_seconds_sum") > 0
-    assert delta("charrnn_time_to_first_char_seconds_count") == 1
+    assert delta("charrnn_time_to_first_char_seconds_count", surface="grpc") == 1
     assert after[("charrnn_active_streams", ())] == 0
     names = {name for name, _ in after}
     assert all(name.startswith("charrnn_") for name in names)

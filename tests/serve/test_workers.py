@@ -244,8 +244,8 @@ def test_one_metrics_endpoint_sums_every_worker(hihell_model, tmp_path):
     finally:
         stop_group(proc)
     assert served_by(log.read_text(), "Generate") == {"worker0", "worker1"}, log.read_text()
-    assert samples[("charrnn_calls_total", (("code", "OK"), ("rpc", "Generate")))] == 16
+    assert samples[("charrnn_calls_total", (("code", "OK"), ("rpc", "Generate"), ("surface", "grpc")))] == 16
     assert samples[("charrnn_characters_generated_total", ())] == 16 * 5
-    assert samples[("charrnn_time_to_first_char_seconds_count", ())] == 16
+    assert samples[("charrnn_time_to_first_char_seconds_count", (("surface", "grpc"),))] == 16
     assert samples[("charrnn_active_streams", ())] == 0  # one series, not one per process
     assert not Path(folder).exists(), "the metrics folder outlived the server"

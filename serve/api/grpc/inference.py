@@ -19,17 +19,12 @@ from serve.api.grpc.tensors import inputs_of, response_of, sequence_of
 from serve.api.pb.inference import grpc_service_pb2 as pb
 from serve.api.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from serve.api.status import status_of
+from serve.api.triton_config import model_config
+from serve.service.inference import VERSION as MODEL_VERSION
 from serve.service.inference import (
-    IDS,
-    LOGITS,
-    PLATFORM,
-    STATE_IN,
-    STATE_OUT,
     InferenceService,
     InferRequest,
-    TritonConfig,
 )
-from serve.service.inference import VERSION as MODEL_VERSION
 from serve.service.models import ModelSlot
 
 log = logging.getLogger(__name__)
@@ -37,27 +32,6 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "charrnn"
 # The protocol's extensions this server implements: Triton's names (its ServerMetadata lists them so).
 EXTENSIONS = ("model_configuration", "sequence", "sequence(string_id)")
-
-
-def model_config(config: TritonConfig) -> pb.ModelConfig:
-    """Triton's ModelConfig message for the configuration export's config.pbtxt holds."""
-    state = [config.num_layers, config.state_size]
-    fp32 = pb.DataType.TYPE_FP32
-    batching = pb.ModelSequenceBatching(
-        max_sequence_idle_microseconds=config.max_sequence_idle_microseconds,
-        oldest=pb.ModelSequenceBatching.StrategyOldest(
-            max_candidate_sequences=config.max_candidate_sequences,
-            max_queue_delay_microseconds=config.max_queue_delay_microseconds),
-        state=[pb.ModelSequenceBatching.State(
-            input_name=STATE_IN, output_name=STATE_OUT, data_type=fp32, dims=state,
-            initial_state=[pb.ModelSequenceBatching.InitialState(name="zero", data_type=fp32, dims=state,
-                                                                 zero_data=True)])])
-    return pb.ModelConfig(
-        name=config.name, platform=PLATFORM, max_batch_size=config.max_batch_size,
-        input=[pb.ModelInput(name=IDS, data_type=pb.DataType.TYPE_INT64, dims=[-1])],
-        output=[pb.ModelOutput(name=LOGITS, data_type=fp32, dims=[-1, config.vocab_size]),
-                pb.ModelOutput(name=STATE_OUT, data_type=fp32, dims=state)],
-        sequence_batching=batching)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -32,10 +31,10 @@ from typing import Any, TypeAlias
 import grpc
 
 from serve.api.admission import Gate
+from serve.api.auth import BearerToken
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 from serve.api.pb.inference import grpc_service_pb2 as inference_pb
 from serve.api.status import ended_under, status_of
-from serve.errors import Unauthenticated
 from serve.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -44,6 +43,7 @@ PREFIX = "/" + pb.DESCRIPTOR.services_by_name["CharRNN"].full_name + "/"  # "/ch
 INFERENCE_PREFIX = "/" + inference_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name + "/"
 PROBES = frozenset({"ServerLive", "ServerReady", "ModelReady"})  # KServe's health rpcs
 AUTH_HEADER = "authorization"
+SURFACE = "grpc"  # the metrics' surface label
 
 # grpc's stubs are generic over the messages; the chain wraps every rpc's handler alike, so: Any.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
@@ -252,25 +252,24 @@ def _log_line(call: Call) -> None:
 
 
 def call_metrics(metrics: Metrics) -> Callable[[Call], None]:
+    ttfc = metrics.time_to_first_char.labels(SURFACE)
     def start(call: Call) -> None:
-        call.at_end(lambda c: metrics.calls.labels(c.rpc, c.code).inc())
+        call.at_end(lambda c: metrics.calls.labels(c.rpc, c.code, SURFACE).inc())
         if call.rpc == "Generate":
-            call.at_first_message(lambda c: metrics.time_to_first_char.observe(time.perf_counter() - c.started))
+            call.at_first_message(lambda c: ttfc.observe(time.perf_counter() - c.started))
     return start
 
 
 def auth(token: str) -> Callable[[Call], None]:
-    expected = ("Bearer " + token).encode()
+    bearer = BearerToken(token)
 
     def start(call: Call) -> None:
-        presented = b""
+        presented: str | bytes | None = None
         for key, value in call.context.invocation_metadata() or ():
             if key == AUTH_HEADER:
-                presented = value.encode() if isinstance(value, str) else bytes(value)
+                presented = value
                 break
-        # compare_digest takes the same time wherever the first difference is
-        if not hmac.compare_digest(presented, expected):
-            raise Unauthenticated("missing or wrong bearer token: send metadata 'authorization: Bearer <token>'")
+        bearer.check(presented, "metadata 'authorization: Bearer <token>'")
     return start
 
 

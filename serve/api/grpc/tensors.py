@@ -14,20 +14,16 @@ import numpy as np
 
 from serve.api.pb.inference import grpc_service_pb2 as pb
 from serve.errors import InvalidArgument
-from serve.service.inference import Tensor
+from serve.service.inference import DATATYPES, Tensor
 from serve.service.sequences import SequenceControl
 
-# The protocol's datatypes this server can read, with the typed-contents field that carries each
-# (FP16 and BF16 travel only as raw bytes; BYTES is not a fixed-size type and no input of ours takes it).
-DTYPES: dict[str, tuple[np.dtype, str | None]] = {
-    "BOOL": (np.dtype(np.bool_), "bool_contents"),
-    "UINT8": (np.dtype("<u1"), "uint_contents"), "UINT16": (np.dtype("<u2"), "uint_contents"),
-    "UINT32": (np.dtype("<u4"), "uint_contents"), "UINT64": (np.dtype("<u8"), "uint64_contents"),
-    "INT8": (np.dtype("<i1"), "int_contents"), "INT16": (np.dtype("<i2"), "int_contents"),
-    "INT32": (np.dtype("<i4"), "int_contents"), "INT64": (np.dtype("<i8"), "int64_contents"),
-    "FP16": (np.dtype("<f2"), None), "FP32": (np.dtype("<f4"), "fp32_contents"),
-    "FP64": (np.dtype("<f8"), "fp64_contents"),
+# The typed-contents field that carries each datatype (FP16 travels only as raw bytes).
+_FIELDS: dict[str, str | None] = {
+    "BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "FP16": None, "FP32": "fp32_contents", "FP64": "fp64_contents",
 }
+DTYPES: dict[str, tuple[np.dtype, str | None]] = {name: (dtype, _FIELDS[name]) for name, dtype in DATATYPES.items()}
 MAX_DIMS = 8
 
 
