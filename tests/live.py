@@ -30,6 +30,8 @@ class LiveServer:
         self.thread.start()
         self.server, self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=60)
         self.target = f"127.0.0.1:{self.port}"
+        http = self.server.http
+        self.http_url = f"http://127.0.0.1:{http.port}" if http is not None else ""  # the HTTP side, if on
         self.channel = grpc.insecure_channel(self.target)
         self.stub = pb_grpc.CharRNNStub(self.channel)
 

@@ -85,6 +85,11 @@ class CharRNNService:
             shown = ", ".join(repr(c) for c in unknown[:20]) + (", ..." if len(unknown) > 20 else "")
             raise InvalidArgument(f"{what} has characters outside the model's vocabulary: {shown}") from None
 
+    def knows(self, text: str) -> bool:
+        """Whether every character of text is in the model's vocabulary."""
+        ids = self._ids
+        return all(c in ids for c in text)
+
     def generate(self, prompt: str, max_chars: int, temperature: float | None = None, top_k: int = 0,
                  top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
                  alternatives: int = 0) -> Stream:

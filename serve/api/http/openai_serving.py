@@ -9,6 +9,7 @@ handling differs (OpenAI's: not part of the text).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -65,6 +66,9 @@ class OpenAIServing:
             echoed = await _echo(service, req)
             stream = None
             if req.max_tokens:
+                # A stop with a character the model cannot write can never end the text: left out (Generate
+                # refuses it, but OpenAI's clients send their stops to any model).
+                req = dataclasses.replace(req, stop=tuple(s for s in req.stop if service.knows(s)))
                 stream = service.generate(req.prompt, req.max_tokens, req.temperature, req.top_k, req.top_p,
                                           req.seed, req.stop, alternatives=req.logprobs or 0)
             try:
