@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import http.client
+import json
 import threading
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,3 +67,18 @@ def scrape(server: LiveServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text.decode())
             for s in family.samples if s.name.startswith("charrnn_")}
+
+
+def post(server: LiveServer, path: str, body: bytes | dict, headers: dict | None = None,
+         method: str = "POST") -> tuple[int, dict, bytes]:
+    """(status, headers, body) of one raw HTTP request."""
+    url = urllib.parse.urlsplit(server.http_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    try:
+        conn.request(method, path, body=data if method == "POST" else None,
+                     headers={"content-type": "application/json", **(headers or {})})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()

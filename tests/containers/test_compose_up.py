@@ -122,7 +122,8 @@ def test_metrics_are_scraped_from_the_published_port(deployment):
     with urllib.request.urlopen(f"http://{target}/metrics", timeout=10) as response:
         body = response.read().decode()
     # The calls the tests above made, counted by rpc and status code.
-    assert re.search(r'^charrnn_calls_total\{code="OK",rpc="GetModelInfo",surface="grpc"\} [1-9]', body, re.M), body[:2000]
+    calls = r'^charrnn_calls_total\{code="OK",rpc="GetModelInfo",surface="grpc"\} [1-9]'
+    assert re.search(calls, body, re.M), body[:2000]
     assert re.search(r"^charrnn_characters_generated_total [1-9]", body, re.M)
 
 

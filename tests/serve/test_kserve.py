@@ -5,16 +5,15 @@ what it got is checked here against onnxruntime run directly on the file.
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from google.protobuf import json_format, text_format
+from kserve_reference import Reference, _argmax, _array
 from live import LiveServer, serve_model
 from prometheus_client.parser import text_string_to_metric_families
 from tritonenv import run_tritonside
@@ -31,26 +30,6 @@ def triton(server: LiveServer, *calls: dict) -> list[dict]:
     return run_tritonside("kserve.py", server.target, stdin=list(calls))
 
 
-class Reference:
-    """onnxruntime on the model file itself: what every ModelInfer must agree with."""
-
-    def __init__(self, model: Path) -> None:
-        self.session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.meta = meta
-        self.vocab = "".join(json.loads(meta["vocab"]))
-        self.state_shape = (int(meta["num_layers"]), int(meta["state_size"]))
-
-    def run(self, ids: np.ndarray, state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        if state is None:
-            state = np.zeros((len(ids), *self.state_shape), dtype=np.float32)
-        logits, state_out = self.session.run(None, {"input_ids": ids.astype(np.int64), "state_in": state})
-        return logits, state_out
-
-    def ids(self, text: str) -> list[int]:
-        return [self.vocab.index(c) for c in text]
-
-
 @pytest.fixture(scope="module")
 def hihell(hihell_model: Path) -> Reference:
     return Reference(hihell_model)
@@ -65,14 +44,6 @@ def text(text_model: Path) -> Reference:
 def short_lived(hihell_model: Path) -> Iterator[LiveServer]:
     """Sequences idle for 1 s are freed; at most 2 live at once."""
     yield from serve_model(hihell_model, sequence_idle_seconds=1.0, max_sequences=2)
-
-
-def _array(output: dict) -> np.ndarray:
-    return np.array(output["data"], dtype=np.float32).reshape(output["shape"])
-
-
-def _argmax(result: dict, vocab: str) -> str:
-    return "".join(vocab[i] for i in _array(result["outputs"]["logits"])[0].argmax(-1))
 
 
 def test_probes_and_metadata(hihell_server, hihell, hihell_model):

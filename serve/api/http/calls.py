@@ -172,7 +172,18 @@ class Call:
                 call.status = message["status"]
             elif not message.get("more_body", False):
                 call.complete = True
+                if not self.streams and call.status < 400:
+                    call.sent = 1  # one whole response
+                end()  # counted and logged before the client can see the end, as gRPC's chain does
             await send(message)
+
+        ended = False
+
+        def end() -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                policies.end(call)
 
         task = asyncio.current_task()
         assert task is not None
@@ -189,8 +200,6 @@ class Call:
                     admitted = gate.admit()
                 watcher = asyncio.ensure_future(_watch_disconnect(receive, call, task))
                 await self.handler(request, call, Reply(scope, receive, sending))
-                if call.sent == 0 and not self.streams:
-                    call.sent = 1
             except asyncio.CancelledError:
                 if call.disconnected:  # the client left: nothing to answer, the slot is freed below
                     task.uncancel()
@@ -213,16 +222,15 @@ class Call:
                 if not started:
                     param = error.param if isinstance(error, InvalidArgument | NotFound) else None
                     await self.style.response(status, message, param)(scope, receive, sending)
-                    call.status = status
                 else:  # a stream under way: its last event says what happened
-                    await send({"type": "http.response.body", "body": self.style.event(status, message),
-                                "more_body": False})
+                    await sending({"type": "http.response.body", "body": self.style.event(status, message),
+                                   "more_body": False})
         finally:
             if watcher is not None:
                 watcher.cancel()
             if admitted is not None:
                 gate.release(admitted)
-            policies.end(call)
+            end()
 
 
 async def _watch_disconnect(receive: Receive, call: HttpCall, task: asyncio.Task[Any]) -> None:

@@ -116,7 +116,6 @@ async def _whole(service: CharRNNService, req: CompletionRequest, completion: Co
     logprobs = logprobs_object(chars, 0) if req.logprobs is not None else None
     body = completion.whole("".join(c.text for c in chars), FINISH[finish], logprobs,
                             usage(len(req.prompt), produced))
-    call.sent = 1
     await reply.respond(JSONResponse(body))
 
 
@@ -162,10 +161,10 @@ async def _stream(service: CharRNNService, req: CompletionRequest, completion: C
             sent += len(ready) + (last is not None)
             if usage_null:
                 tail[0] = completion.usage_chunk(usage(len(req.prompt), produced))
-            await reply.body(b"".join((*pending, *tail)), more=False)
+            call.sent = sent
             if call.first_message is None:
                 call.first()
-            call.sent = sent
+            await reply.body(b"".join((*pending, *tail)), more=False)
             return
         pending += [event([c]) for c in ready]
         sent += len(ready)

@@ -1,0 +1,38 @@
+"""onnxruntime on the model file itself, and readers of tritonside results: shared by the KServe tests of
+both bindings (tests/serve/test_kserve.py, tests/serve/test_http_kserve.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+class Reference:
+    """onnxruntime on the model file itself: what every ModelInfer must agree with."""
+
+    def __init__(self, model: Path) -> None:
+        self.session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.meta = meta
+        self.vocab = "".join(json.loads(meta["vocab"]))
+        self.state_shape = (int(meta["num_layers"]), int(meta["state_size"]))
+
+    def run(self, ids: np.ndarray, state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if state is None:
+            state = np.zeros((len(ids), *self.state_shape), dtype=np.float32)
+        logits, state_out = self.session.run(None, {"input_ids": ids.astype(np.int64), "state_in": state})
+        return logits, state_out
+
+    def ids(self, text: str) -> list[int]:
+        return [self.vocab.index(c) for c in text]
+
+
+def _array(output: dict) -> np.ndarray:
+    return np.array(output["data"], dtype=np.float32).reshape(output["shape"])
+
+
+def _argmax(result: dict, vocab: str) -> str:
+    return "".join(vocab[i] for i in _array(result["outputs"]["logits"])[0].argmax(-1))
