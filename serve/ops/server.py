@@ -313,6 +313,14 @@ async def serve(settings: Settings, reuse_port: bool = False,
     ready line, then the metrics line when metrics are on) once it accepts calls."""
     server, _ = create_server(settings, reuse_port)
     await server.start()
+    stop, cut = asyncio.Event(), asyncio.Event()
+
+    def on_request() -> None:
+        (cut if stop.is_set() else stop).set()
+
+    # before the ready lines: a stop requested as soon as they are read drains, rather than kills
+    stop_requests(asyncio.get_running_loop(), on_request)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, server.watcher.check_now)  # --workers too
     ready(settings, server.address, server.provider)
     if server.http is not None and ready is print_ready:  # a --workers child: the parent prints it
         print(http_line(settings, server.http.port), flush=True)
@@ -322,13 +330,6 @@ async def serve(settings: Settings, reuse_port: bool = False,
             print(line, flush=True)
         else:  # a --workers child: stdout belongs to the parent's one ready line
             log.info("%s", line)
-    stop, cut = asyncio.Event(), asyncio.Event()
-
-    def on_request() -> None:
-        (cut if stop.is_set() else stop).set()
-
-    stop_requests(asyncio.get_running_loop(), on_request)
-    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, server.watcher.check_now)  # --workers too
     assert server.lost is not None
     lost = asyncio.ensure_future(server.lost.wait())
     tasks = [asyncio.ensure_future(server.wait_for_termination()), asyncio.ensure_future(stop.wait()), lost]

@@ -205,7 +205,7 @@ class Workers:
              "--metrics-port", "0", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.errors: list[str] = []
         threading.Thread(target=lambda: self.errors.extend(self.proc.stderr), daemon=True).start()
-        ready, announced = self.proc.stdout.readline(), self.proc.stdout.readline()
+        ready, _http, announced = (self.proc.stdout.readline() for _ in range(3))
         assert " on 127.0.0.1:" in ready, (ready, self.errors)
         found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", announced)
         assert found, (announced, self.errors)

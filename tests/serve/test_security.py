@@ -7,12 +7,17 @@ import dataclasses
 import datetime
 import hashlib
 import hmac
+import http.client
 import ipaddress
+import json
 import logging
 import os
+import ssl
 import struct
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -173,3 +178,27 @@ def test_only_a_state_key_stops_forged_state(hihell_model):
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "checksum" in caught.value.details()
         own = keyed.stub.Step(pb.StepRequest(text="hi")).state  # its own states still chain
         assert keyed.stub.Step(pb.StepRequest(state=own, text="h")).state
+
+
+def test_the_http_side_speaks_the_same_tls_and_token(tls_server, pki):
+    """HTTPS on --http-port with the gRPC side's certificate; the token guards the API, not the probes."""
+    context = ssl.create_default_context(cafile=str(pki["server_cert"]))
+    base = f"https://127.0.0.1:{tls_server.server.http.port}"
+
+    def call(path: str, body: dict | None = None, token: str | None = TOKEN) -> tuple[int, bytes]:
+        request = urllib.request.Request(base + path, data=json.dumps(body).encode() if body else None,
+                                         headers={"content-type": "application/json",
+                                                  **({"authorization": f"Bearer {token}"} if token else {})})
+        try:
+            with urllib.request.urlopen(request, timeout=10, context=context) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+    status, body = call("/v1/completions", {"model": "charrnn", "prompt": "hihell", "max_tokens": 1,
+                                            "temperature": 0})
+    assert status == 200 and json.loads(body)["choices"][0]["text"] == "o"
+    status, body = call("/v1/completions", {"model": "charrnn", "prompt": "hi"}, token="wrong")
+    assert status == 401 and TOKEN not in body.decode()
+    assert call("/v2/health/ready", token=None)[0] == 200
+    with pytest.raises((urllib.error.URLError, http.client.HTTPException, ConnectionError)):  # plaintext: refused
+        urllib.request.urlopen(base.replace("https", "http") + "/v2/health/live", timeout=5)

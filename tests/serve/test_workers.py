@@ -48,7 +48,7 @@ def test_two_workers_share_one_port_and_stop_together(hihell_model, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    served = set(re.findall(r"(worker\d) serve\.api\.interceptors: Predict", log.read_text()))
+    served = set(re.findall(r"(worker\d) serve\.api\.grpc\.interceptors: Predict", log.read_text()))
     assert served == {"worker0", "worker1"}, log.read_text()
 
 
@@ -62,10 +62,14 @@ def test_workers_refuse_a_missing_model_with_its_name(tmp_path):
 
 def start_workers(model, *args: str, log) -> tuple[subprocess.Popen, list[str]]:
     """`python -m serve --workers 2` in a session of its own (as a terminal's job is a process group of its
-    own); its first stdout lines (the ready line, then the metrics line when asked for)."""
+    own); its stdout lines but the HTTP one (the ready line, then the metrics line when asked for)."""
     proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", str(model), "--workers", "2", *args],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
-    lines = [proc.stdout.readline().strip() for _ in range(2 if "--metrics-port" in args else 1)]
+    lines = [proc.stdout.readline().strip() for _ in range(3 if "--metrics-port" in args else 2)]
+    if not lines[1].startswith("charrnn http on http://127.0.0.1:"):
+        stop_group(proc)
+        pytest.fail(f"no HTTP line: {lines!r}")
+    del lines[1]
     if not READY.match(lines[0]):
         stop_group(proc)
         pytest.fail(f"no ready line: {lines!r}")
@@ -96,7 +100,7 @@ def connections(target: str, n: int = 16) -> list[grpc.Channel]:
 
 
 def served_by(log_text: str, rpc: str) -> set[str]:
-    return set(re.findall(rf"(worker\d) serve\.api\.interceptors: {rpc} ", log_text))
+    return set(re.findall(rf"(worker\d) serve\.api\.grpc\.interceptors: {rpc} ", log_text))
 
 
 class Streams:
