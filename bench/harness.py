@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))  # first, ahead of bench/: `serve` must be the pac
 
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 READY = re.compile(r" on (\S+:\d+)")  # `python -m serve`'s and bench/ceiling.py's ready lines
+HTTP_READY = re.compile(r"^charrnn http on http://(\S+:\d+)")  # `python -m serve`'s second line
 ENGINE_CHILD = "--engine-child"  # bench/model_skipped.py's argument when it runs as the engine process
 VOCAB_65 = list("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")  # tinyshakespeare's
 
@@ -47,8 +48,11 @@ class ServerProcess:
     """A server subprocess, ready when constructed (`target` is its address); stderr goes to a temporary
     file, never a pipe nobody reads, and its tail is in the error when the server does not start."""
 
-    def __init__(self, name: str, argv: list[str], timeout: float = 60.0, cwd: Path = ROOT) -> None:
+    def __init__(self, name: str, argv: list[str], timeout: float = 60.0, cwd: Path = ROOT,
+                 http: bool = False) -> None:
+        """http: also wait for the HTTP ready line (`http_target`)."""
         self.name = name
+        self.http_target = ""
         self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - open until stop() closes it
         # cwd: the checkout whose `python -m serve` runs (bench/serve.py --before runs an older one).
         self.proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
@@ -59,9 +63,14 @@ class ServerProcess:
             line = self.proc.stdout.readline()
             if not line and self.proc.poll() is not None:
                 break
-            match = READY.search(line)
-            if match:
-                self.target = match.group(1)
+            if line.startswith("charrnn http on "):
+                found = HTTP_READY.match(line)
+                self.http_target = found.group(1) if found else ""
+            else:
+                match = READY.search(line)
+                if match:
+                    self.target = match.group(1)
+            if getattr(self, "target", None) and (self.http_target or not http):
                 return
         self._stderr.seek(0)
         stderr = self._stderr.read()[-2000:]

@@ -13,6 +13,9 @@ separate process (bench/load.py). Besides chars/s and latency, each row gives th
 of the server (all its processes: --workers, engine processes), of its engine processes alone, and of
 the client process, which is where the time goes.
 
+"http (SSE)" is the batched server again, its load streamed completions (`POST /v1/completions`, stream:
+true) on its HTTP port instead of gRPC Generate: "http (SSE) / batched" is what the HTTP side costs.
+
 "thread engine" is the server with --engine thread (onnxruntime and sampling in a thread of the server
 process, sharing its GIL) for comparison with the default engine process. "model skipped"
 (bench/model_skipped.py) is the real server with its model call replaced by a constant: next to the
@@ -42,11 +45,13 @@ from pathlib import Path
 # harness puts the repository root on sys.path
 from harness import ROOT, ServerProcess, build_model, cpu_seconds, load_columns
 
+HTTP = 0  # a config's connection count that means: the HTTP load (one connection per stream) on the HTTP port
+
 
 def load(target: str, streams: int, chars: int, connections: int = 1) -> dict:
+    how = ["--http"] if connections == HTTP else ["--connections", str(connections)]
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "load.py"), "--target", target, "--streams",
-                          str(streams), "--chars", str(chars), "--connections", str(connections)],
-                         capture_output=True, text=True, timeout=600)
+                          str(streams), "--chars", str(chars), *how], capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"load against {target} failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -54,7 +59,7 @@ def load(target: str, streams: int, chars: int, connections: int = 1) -> dict:
 
 def measure(server: ServerProcess, streams: int, chars: int, connections: int) -> dict:
     before = cpu_seconds(server.pid)
-    result = load(server.target, streams, chars, connections)
+    result = load(server.http_target if connections == HTTP else server.target, streams, chars, connections)
     after = cpu_seconds(server.pid)
     received = max(result["chars"], 1)
     result["server_us"] = result["engine_us"] = None
@@ -139,6 +144,7 @@ def main() -> int:
         configs = {
             "ceiling": ([sys.executable, str(ROOT / "bench" / "ceiling.py"), "--event-loop", args.event_loop], 1),
             "batched": (serve, 1),
+            "http (SSE)": (serve, HTTP),  # the same server, streamed completions on its HTTP port
             "unbatched": (serve + ["--max-batch", "1"], 1),
             "thread engine": (serve + ["--engine", "thread"], 1),
             "model skipped": ([sys.executable, str(ROOT / "bench" / "model_skipped.py"), *flags], 1),
@@ -164,8 +170,8 @@ def main() -> int:
         results: dict[tuple[str, int], list[dict]] = {(name, n): [] for name in configs for n, _ in loads}
         try:
             for name, (argv, conns) in configs.items():
-                servers[name] = ServerProcess(name, argv, cwd=cwd.get(name, ROOT))
-                load(servers[name].target, 4, 20, conns)  # warm-up: connections, onnxruntime arenas, code paths
+                servers[name] = ServerProcess(name, argv, cwd=cwd.get(name, ROOT), http=conns == HTTP)
+                measure(servers[name], 4, 20, conns)  # warm-up: connections, onnxruntime arenas, code paths
             order = list(configs.items())
             for k in range(args.rounds):
                 # Each round starts one server later, so that going first (or last) is no server's fixed lot.
@@ -199,6 +205,7 @@ def main() -> int:
         n = args.streams
         print("\nratios (chars/s, within each round; median and range over rounds):")
         pairs = [("batched", "ceiling", n, "  target >= 0.7"), ("batched", "unbatched", n, "  target >= 2"),
+                 ("http (SSE)", "batched", n, "  target >= 0.7"), ("http (SSE)", "batched", 1, ""),
                  ("batched", "ceiling", 1, "  target >= 0.5"),
                  ("thread engine", "ceiling", n, ""), ("thread engine", "ceiling", 1, ""),
                  ("model skipped", "ceiling", n, ""), ("model skipped", "ceiling", 1, ""),

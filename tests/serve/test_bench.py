@@ -16,13 +16,14 @@ def test_serving_benchmark_runs_end_to_end():
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     out = proc.stdout
-    for name in ("ceiling", "batched", "unbatched", "thread engine", "model skipped", "batched, 4 conns",
-                 "x2 procs, 4 conns"):
+    for name in ("ceiling", "batched", "http (SSE)", "unbatched", "thread engine", "model skipped",
+                 "batched, 4 conns", "x2 procs, 4 conns"):
         for load in ("4 streams", "1 stream "):
             row = re.search(rf"^\s*{re.escape(name)}\s+{load}\s+(\d+)\s.*\s(\d+)$", out, re.M)
             assert row, f"no {name!r} {load!r} row in:\n{out}"
             assert int(row.group(1)) > 0 and row.group(2) == "0"  # chars/s, errors
     assert re.search(r"batched / ceiling, 4 streams:\s+\d+\.\d\d  \(rounds ", out), out
+    assert re.search(r"http \(SSE\) / batched, 4 streams:\s+\d+\.\d\d  \(rounds .*target >= 0.7", out), out
     assert re.search(r"x2 procs, 4 conns / batched, 4 conns, 4 streams:\s+\d", out), out
     assert "batch   4: onnxruntime" in out
     assert re.search(r"caps batched / ceiling near \d", out)
