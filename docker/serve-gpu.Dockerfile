@@ -40,8 +40,9 @@ USER 10001:10001
 ENV CHARRNN_MODEL=/artifacts/model.onnx \
     CHARRNN_HOST=0.0.0.0 \
     CHARRNN_PORT=50051 \
+    CHARRNN_HTTP_PORT=8080 \
     CHARRNN_DEVICE=cuda
-EXPOSE 50051
+EXPOSE 50051 8080
 
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-m", "serve.healthcheck", "--timeout", "3"]

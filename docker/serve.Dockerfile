@@ -30,8 +30,9 @@ COPY CHANGELOG.md ./
 USER 10001:10001
 ENV CHARRNN_MODEL=/artifacts/model.onnx \
     CHARRNN_HOST=0.0.0.0 \
-    CHARRNN_PORT=50051
-EXPOSE 50051
+    CHARRNN_PORT=50051 \
+    CHARRNN_HTTP_PORT=8080
+EXPOSE 50051 8080
 
 # A gRPC Health/Check call, not a TCP poke: healthy once the model is loaded and the server SERVING.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \

@@ -81,9 +81,10 @@ def test_serve_healthcheck_is_the_grpc_health_command():
 def test_serve_listens_on_all_interfaces_at_the_published_port():
     serve = load()["services"]["serve"]
     env = serve["environment"]
-    assert (env["CHARRNN_HOST"], env["CHARRNN_PORT"]) == ("0.0.0.0", "50051")
-    assert serve["ports"] == ["50051:50051", "9100:9100"]
-    assert load(env={"CHARRNN_HOST_PORT": "6000"})["services"]["serve"]["ports"] == ["6000:50051", "9100:9100"]
+    assert (env["CHARRNN_HOST"], env["CHARRNN_PORT"], env["CHARRNN_HTTP_PORT"]) == ("0.0.0.0", "50051", "8080")
+    assert serve["ports"] == ["50051:50051", "8080:8080", "9100:9100"]
+    assert load(env={"CHARRNN_HOST_PORT": "6000", "CHARRNN_HTTP_HOST_PORT": "6080"})["services"]["serve"]["ports"] == \
+        ["6000:50051", "6080:8080", "9100:9100"]
     assert env["CHARRNN_METRICS_PORT"] == "9100"
     assert "metrics" in COMPOSE.read_text(), "the marked place for the metrics port is gone"
 
@@ -129,9 +130,10 @@ def test_scale_profile_puts_replicas_behind_nginx():
     conf = [m for m in mounts(lb) if m["type"] == "bind"]
     assert [(m["source"], m["target"], m["read_only"]) for m in conf] == \
         [("./deploy/nginx.conf", "/etc/nginx/conf.d/default.conf", True)]
-    assert lb["ports"] == ["50052:50051"]
+    assert lb["ports"] == ["50052:50051", "8081:8080"]
     text = (ROOT / "deploy/nginx.conf").read_text()
     assert "grpc_pass grpc://charrnn;" in text and "listen 50051 http2;" in text
+    assert "proxy_pass http://charrnn_http;" in text and "listen 8080;" in text and "proxy_buffering off;" in text
     for name in ("serve", "serve-replica"):
         assert f"server {name}:50051" in text
 
@@ -165,13 +167,15 @@ def test_compose_itself_accepts_every_variant():
 def test_images_tags_and_published_addresses_are_settings():
     """What the container tests set: their own image tag, a stand-in nginx, ports on loopback only."""
     env = {"CHARRNN_IMAGE_TAG": "ci", "CHARRNN_LB_IMAGE": "charrnn-standin/nginx:bookworm",
-           "CHARRNN_HOST_PORT": "127.0.0.1:", "CHARRNN_LB_PORT": "127.0.0.1:6001"}
+           "CHARRNN_HOST_PORT": "127.0.0.1:", "CHARRNN_LB_PORT": "127.0.0.1:6001",
+           "CHARRNN_HTTP_HOST_PORT": "127.0.0.1:", "CHARRNN_LB_HTTP_PORT": "127.0.0.1:6002"}
     services = compose_config(COMPOSE, env=env, profiles=("scale",))["services"]
     assert {services[name]["image"] for name in ("train", "export")} == {"charrnn-train:ci"}
     assert {services[name]["image"] for name in ("serve", "serve-replica")} == {"charrnn-serve:ci"}
     assert services["lb"]["image"] == "charrnn-standin/nginx:bookworm"
     grpc_port = [p for p in services["serve"]["ports"] if p["target"] == 50051]
     assert [(p["host_ip"], p.get("published", "")) for p in grpc_port] == [("127.0.0.1", "")]
-    assert [(p["host_ip"], p["published"]) for p in services["lb"]["ports"]] == [("127.0.0.1", "6001")]
+    assert [(p["host_ip"], p["published"]) for p in services["lb"]["ports"]] == [("127.0.0.1", "6001"),
+                                                                                ("127.0.0.1", "6002")]
     defaults = compose_config(COMPOSE)["services"]
     assert defaults["serve"]["image"] == "charrnn-serve:latest"

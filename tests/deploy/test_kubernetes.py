@@ -138,15 +138,18 @@ def test_serving_pods_agree_with_compose_and_the_dockerfile(overlay):
     spec = pod(overlay, "Deployment", "charrnn-serve")
     serve = container(spec, "serve")
     variables = env(serve)
-    for name in ("CHARRNN_MODEL", "CHARRNN_HOST", "CHARRNN_PORT", "CHARRNN_METRICS_PORT"):
+    for name in ("CHARRNN_MODEL", "CHARRNN_HOST", "CHARRNN_PORT", "CHARRNN_HTTP_PORT", "CHARRNN_METRICS_PORT"):
         assert variables[name] == compose["environment"][name], name
     assert serve["command"] == compose["command"]
     port = int(variables["CHARRNN_PORT"])
     dockerfile = (ROOT / "docker/serve.Dockerfile").read_text()
-    assert f"EXPOSE {port}" in dockerfile and f"CHARRNN_PORT={port}" in dockerfile
+    http_port = int(variables["CHARRNN_HTTP_PORT"])
+    assert f"EXPOSE {port} {http_port}" in dockerfile and f"CHARRNN_PORT={port}" in dockerfile
+    assert f"CHARRNN_HTTP_PORT={http_port}" in dockerfile
     assert {p["name"]: p["containerPort"] for p in serve["ports"]} == \
-        {"grpc": port, "metrics": int(variables["CHARRNN_METRICS_PORT"])}
-    assert [int(p.split(":")[-1]) for p in compose["ports"]] == [port, int(variables["CHARRNN_METRICS_PORT"])]
+        {"grpc": port, "http": http_port, "metrics": int(variables["CHARRNN_METRICS_PORT"])}
+    assert [int(p.split(":")[-1]) for p in compose["ports"]] == \
+        [port, http_port, int(variables["CHARRNN_METRICS_PORT"])]
     # Native gRPC probes on the server's port: readiness on the API service, liveness on `liveness`.
     assert serve["readinessProbe"]["grpc"] == {"port": port, "service": api_service()}
     assert serve["startupProbe"]["grpc"] == {"port": port, "service": api_service()}
@@ -247,18 +250,23 @@ def test_nginx_balances_calls_over_the_headless_service(overlay):
     assert lb_spec["volumes"][0]["configMap"]["name"] == config["metadata"]["name"]
     conf = config["data"]["default.conf"]
     upstream = re.findall(r"^\s*server ([\w.-]+):(\d+) resolve\b", conf, re.M)
-    assert upstream == [(f"charrnn-serve.{namespace}.svc.cluster.local", str(headless["ports"][0]["port"]))]
+    served = {p["name"]: p["port"] for p in headless["ports"]}
+    name = f"charrnn-serve.{namespace}.svc.cluster.local"
+    assert upstream == [(name, str(served["grpc"])), (name, str(served["http"]))]
     lb_ports = {p["name"]: p["containerPort"] for p in container(lb_spec, "nginx")["ports"]}
-    assert re.search(r"^\s*listen (\d+) http2;", conf, re.M).group(1) == str(lb_ports[entry["ports"][0]["targetPort"]])
+    entry_ports = {p["name"]: p["targetPort"] for p in entry["ports"]}
+    assert re.search(r"^\s*listen (\d+) http2;", conf, re.M).group(1) == str(lb_ports[entry_ports["grpc"]])
+    assert re.search(r"^\s*listen (\d+);", conf, re.M).group(1) == str(lb_ports[entry_ports["http"]])
 
 
-def server_block(text: str) -> str:
-    return text[text.index("\nserver {"):]
+def server_blocks(text: str) -> list[str]:
+    return re.findall(r"^server \{.*?^\}", text, re.M | re.S)
 
 
-def test_the_nginx_server_block_is_composes():
-    """One balancer behaviour under compose and Kubernetes: only the upstream differs."""
-    assert server_block((K8S / "base/nginx.conf").read_text()) == server_block((ROOT / "deploy/nginx.conf").read_text())
+def test_the_nginx_server_blocks_are_composes():
+    """One balancer behaviour under compose and Kubernetes (gRPC and HTTP): only the upstreams differ."""
+    ours = server_blocks((K8S / "base/nginx.conf").read_text())
+    assert len(ours) == 2 and ours == server_blocks((ROOT / "deploy/nginx.conf").read_text())
 
 
 @pytest.mark.skipif(not NGINX.exists(), reason="nginx is not installed (apt-get install nginx)")
@@ -268,11 +276,13 @@ def test_the_kubernetes_nginx_config_loads(tmp_path):
     [conf] = [d for d in render("base") if d["kind"] == "ConfigMap"]
     site = conf["data"]["default.conf"]
     site, resolvers = re.subn(r"^resolver [^;]+;", "resolver 127.0.0.1 valid=5s;", site, flags=re.M)
-    site, servers = re.subn(r"server [\w.-]+:50051 resolve", "server 127.0.0.1:50051", site)
-    with socket.socket() as s:
+    site, servers = re.subn(r"server [\w.-]+:(\d+) resolve", r"server 127.0.0.1:\1", site)
+    with socket.socket() as s, socket.socket() as t:
         s.bind(("127.0.0.1", 0))
+        t.bind(("127.0.0.1", 0))
         site = site.replace("listen 50051 http2;", f"listen 127.0.0.1:{s.getsockname()[1]} http2;")
-    assert (resolvers, servers) == (1, 1)
+        site = site.replace("listen 8080;", f"listen 127.0.0.1:{t.getsockname()[1]};")
+    assert (resolvers, servers) == (1, 2)
     (tmp_path / "site.conf").write_text(site)
     (tmp_path / "nginx.conf").write_text(f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
                                          f"events {{}}\nhttp {{ include {tmp_path}/site.conf; }}\n")

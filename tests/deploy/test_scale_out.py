@@ -10,6 +10,8 @@ a retry is safe. nginx runs unprivileged-style: a prefix, pid, logs and temp pat
 
 from __future__ import annotations
 
+import http.client
+import json
 import re
 import signal
 import socket
@@ -36,18 +38,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def render_site(upstreams: list[str], listen: str) -> str:
-    """deploy/nginx.conf with its upstream servers and listen address replaced, everything else kept."""
-    text = (ROOT / "deploy/nginx.conf").read_text()
-    server_line = re.compile(r"^(?P<indent>[ \t]*)server[ \t]+[\w.-]+:50051(?P<params>[^;\n]*);[ \t]*$", re.M)
+def _upstreams(text: str, port: int, upstreams: list[str]) -> str:
+    server_line = re.compile(rf"^(?P<indent>[ \t]*)server[ \t]+[\w.-]+:{port}(?P<params>[^;\n]*);[ \t]*$", re.M)
     found = list(server_line.finditer(text))
-    assert len(found) == 2, "deploy/nginx.conf: expected the serve and serve-replica upstream lines"
+    assert len(found) == 2, f"deploy/nginx.conf: expected the serve and serve-replica upstream lines (:{port})"
     indent, params = found[0]["indent"], found[0]["params"]
     local = "\n".join(f"{indent}server {address}{params};" for address in upstreams)
-    text = text[:found[0].start()] + local + text[found[-1].end():]
+    return text[:found[0].start()] + local + text[found[-1].end():]
+
+
+def render_site(upstreams: list[str], listen: str, http_upstreams: list[str], http_listen: str) -> str:
+    """deploy/nginx.conf with its upstream servers and listen addresses (gRPC and HTTP) replaced,
+    everything else kept."""
+    text = _upstreams((ROOT / "deploy/nginx.conf").read_text(), 50051, upstreams)
+    text = _upstreams(text, 8080, http_upstreams)
     text, n = re.subn(r"^([ \t]*)listen[ \t]+50051[ \t]+http2;", rf"\g<1>listen {listen} http2;", text,
                       flags=re.M)
     assert n == 1, "deploy/nginx.conf: expected one `listen 50051 http2;`"
+    text, n = re.subn(r"^([ \t]*)listen[ \t]+8080;", rf"\g<1>listen {http_listen};", text, flags=re.M)
+    assert n == 1, "deploy/nginx.conf: expected one `listen 8080;`"
     return text
 
 
@@ -69,13 +78,15 @@ http {{
 """
 
 
-def start_server(model: Path, log: Path) -> tuple[subprocess.Popen, int]:
+def start_server(model: Path, log: Path, *args: str) -> tuple[subprocess.Popen, int, int]:
+    """A server: (process, gRPC port, HTTP port)."""
     proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", str(model), "--host", "127.0.0.1",
-                             "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
-    ready = proc.stdout.readline()
-    match = re.search(r"127\.0\.0\.1:(\d+)", ready)
-    assert match, f"no ready line: {ready!r}\n{log.read_text()}"
-    return proc, int(match.group(1))
+                             "--port", "0", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=log.open("w"),
+                            text=True)
+    ready, http = proc.stdout.readline(), proc.stdout.readline()
+    match, http_match = re.search(r"127\.0\.0\.1:(\d+)", ready), re.search(r"http://127\.0\.0\.1:(\d+)$", http)
+    assert match and http_match, f"no ready lines: {ready!r} {http!r}\n{log.read_text()}"
+    return proc, int(match.group(1)), int(http_match.group(1))
 
 
 def wait_serving(target: str, limit: float = 30) -> None:
@@ -87,21 +98,22 @@ def wait_serving(target: str, limit: float = 30) -> None:
         time.sleep(0.2)
 
 
-@pytest.fixture
-def cluster(tmp_path, hihell_run):
-    """Two servers and nginx in front; yields (lb target, [server procs], [ports], nginx folder)."""
-    procs, ports = [], []
+def run_cluster(tmp_path: Path, model: Path, *args: str):
+    """Two servers and nginx in front; yields (lb target, [server procs], [ports], nginx folder, lb HTTP port)."""
+    procs, ports, http_ports = [], [], []
     nginx = None
     try:
         for n in range(2):
-            proc, port = start_server(hihell_run / "model.onnx", tmp_path / f"serve{n}.log")
+            proc, port, http_port = start_server(model, tmp_path / f"serve{n}.log", *args)
             procs.append(proc)
             ports.append(port)
+            http_ports.append(http_port)
         folder = tmp_path / "nginx"
         folder.mkdir()
-        lb_port = free_port()
+        lb_port, lb_http_port = free_port(), free_port()
         site = folder / "charrnn.conf"
-        site.write_text(render_site([f"127.0.0.1:{p}" for p in ports], f"127.0.0.1:{lb_port}"))
+        site.write_text(render_site([f"127.0.0.1:{p}" for p in ports], f"127.0.0.1:{lb_port}",
+                                    [f"127.0.0.1:{p}" for p in http_ports], f"127.0.0.1:{lb_http_port}"))
         conf = folder / "nginx.conf"
         conf.write_text(main_conf(folder, site))
         command = [str(NGINX), "-p", str(folder), "-c", str(conf), "-e", str(folder / "error.log")]
@@ -111,7 +123,7 @@ def cluster(tmp_path, hihell_run):
         for port in ports:
             wait_serving(f"127.0.0.1:{port}")
         wait_serving(f"127.0.0.1:{lb_port}")  # the health RPC itself goes through nginx
-        yield f"127.0.0.1:{lb_port}", procs, ports, folder
+        yield f"127.0.0.1:{lb_port}", procs, ports, folder, lb_http_port
     finally:
         for proc in [*procs, nginx]:
             if proc is not None and proc.poll() is None:
@@ -123,6 +135,16 @@ def cluster(tmp_path, hihell_run):
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+@pytest.fixture
+def cluster(tmp_path, hihell_run):
+    yield from run_cluster(tmp_path, hihell_run / "model.onnx")
+
+
+@pytest.fixture
+def text_cluster(tmp_path, text_runs):
+    yield from run_cluster(tmp_path, text_runs["gru"] / "model.onnx", "--max-chars", "20000")
 
 
 def upstreams_used(folder: Path, expected: int) -> list[str]:
@@ -150,7 +172,7 @@ def log_tails(folder: Path, lines: int = 15) -> str:
 
 
 def test_step_chains_survive_losing_a_replica(cluster):
-    target, procs, ports, folder = cluster
+    target, procs, ports, folder, _ = cluster
     client = ChainClient(target)
     try:
         try:
@@ -182,3 +204,41 @@ def test_step_chains_survive_losing_a_replica(cluster):
     # or came back UNAVAILABLE and were retried by the client; none was lost.
     assert any(", " in u for u in after_kill) or client.retries > 0
     assert procs[1].poll() is None
+
+
+def test_completions_stream_through_nginx_unbuffered(text_cluster):
+    """deploy/nginx.conf's HTTP side: the same text as a replica gives directly, the first character long
+    before the end of a long stream (nginx buffering would hold it back), and both replicas used."""
+    _, _, _, folder, lb_http = text_cluster
+    body = json.dumps({"model": "charrnn", "prompt": "it", "max_tokens": 20000, "seed": 4, "stream": True})
+    conn = http.client.HTTPConnection("127.0.0.1", lb_http, timeout=60)
+    started = time.perf_counter()
+    conn.request("POST", "/v1/completions", body=body, headers={"content-type": "application/json"})
+    response = conn.getresponse()
+    first = response.readline()
+    first_at = time.perf_counter() - started
+    rest = response.read()
+    total = time.perf_counter() - started
+    conn.close()
+    assert response.status == 200 and first.startswith(b"data: {"), (first, log_tails(folder))
+    assert rest.endswith(b"data: [DONE]\n\n")
+    assert first_at < total / 10, (first_at, total)
+    texts = set()
+    for _ in range(6):  # round robin over the two replicas; a seed gives one text on either
+        conn = http.client.HTTPConnection("127.0.0.1", lb_http, timeout=60)
+        conn.request("POST", "/v1/completions", body=json.dumps({"model": "charrnn", "prompt": "it",
+                                                                 "max_tokens": 40, "seed": 4}))
+        texts.add(json.loads(conn.getresponse().read())["choices"][0]["text"])
+        conn.close()
+    assert len(texts) == 1
+    streamed = "".join(json.loads(line[len(b"data: "):])["choices"][0]["text"]
+                       for line in (first + rest).split(b"\n\n")[:40])
+    assert streamed == texts.pop()
+    deadline = time.monotonic() + 5
+    while True:
+        used = {line.split("|")[2] for line in (folder / "access.log").read_text().splitlines()
+                if line.startswith("/v1/completions|200|")}
+        if len(used) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(used) == 2, used
