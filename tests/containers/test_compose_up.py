@@ -35,7 +35,26 @@ pytestmark = [pytest.mark.containers, pytest.mark.timeout(900)]
 UID = "10001"  # the user the Dockerfiles create and run as
 LOOPBACK = "127.0.0.1:"  # a *_PORT setting of just an address: the engine picks a free port on it
 SETTINGS = {**SMOKE_ENV, "CHARRNN_TRAIN_DEVICE": "cpu", "CHARRNN_HOST_PORT": LOOPBACK,
-            "CHARRNN_METRICS_HOST_PORT": LOOPBACK, "CHARRNN_LB_PORT": LOOPBACK}
+            "CHARRNN_METRICS_HOST_PORT": LOOPBACK, "CHARRNN_LB_PORT": LOOPBACK, "CHARRNN_HTTP_HOST_PORT": LOOPBACK,
+            "CHARRNN_LB_HTTP_PORT": LOOPBACK}
+
+
+def completion(address: str, stream: bool) -> str:
+    """POST /v1/completions at a published HTTP address (streamed as server-sent events, or whole): its text."""
+    body = json.dumps({"model": "charrnn", "prompt": "The ", "max_tokens": 60, "seed": 3, "stream": stream})
+    request = urllib.request.Request(f"http://{address}/v1/completions", data=body.encode(),
+                                     headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        if not stream:
+            text: str = json.loads(response.read())["choices"][0]["text"]
+            return text
+        texts, done = [], False
+        for line in response:
+            if line.startswith(b"data: {"):
+                texts.append(json.loads(line[6:])["choices"][0]["text"])
+            done = done or line.startswith(b"data: [DONE]")
+        assert done, "the stream did not end with [DONE]"
+        return "".join(texts)
 
 
 def up(project: Project, *args: str, say: Callable[[str], None]) -> None:
@@ -82,7 +101,7 @@ def test_up_ran_train_and_export_to_completion_and_serve_is_healthy(deployment, 
 def test_ports_are_published_on_loopback_only(deployment, docker):
     [serve] = deployment.containers("serve")
     bindings = docker.inspect(serve)["HostConfig"]["PortBindings"]
-    assert set(bindings) == {"50051/tcp", "9100/tcp"}
+    assert set(bindings) == {"50051/tcp", "8080/tcp", "9100/tcp"}
     assert all(b["HostIp"] == "127.0.0.1" for port in bindings.values() for b in port), bindings
 
 
@@ -94,6 +113,17 @@ def test_reference_client_through_the_published_port(deployment):
     assert info["corpus"].startswith("default")
     text = client("generate", "--prompt", "The ", "--max-chars", "40", "--seed", "1", target=target).stdout
     assert len(text.rstrip("\n")) == 40, text
+
+
+def test_completions_through_the_published_http_port(deployment):
+    address = deployment.address("serve", 8080)
+    assert address.startswith("127.0.0.1:")
+    whole = completion(address, stream=False)
+    assert len(whole) == 60 and completion(address, stream=True) == whole
+    with grpc.insecure_channel(deployment.address("serve", 50051)) as channel:
+        chunks = pb_grpc.CharRNNStub(channel).Generate(pb.GenerateRequest(prompt="The ", max_chars=60, seed=3),
+                                                       timeout=30)
+        assert "".join(c.text for c in chunks) == whole  # the same seed, the same text, either transport
 
 
 def test_raw_grpc_stub_and_the_model_file_in_the_volume(deployment):
@@ -192,6 +222,9 @@ def test_scale_profile_keeps_step_chains_whole_while_a_replica_is_killed(scaled,
         reference = direct.run()
         assert balanced.run() == reference, "every replica answers as `serve` does: one model"
         assert balanced.retries == 0
+        whole = completion(deployment.address("serve", 8080), stream=False)
+        balanced_http = deployment.address("lb", 8080)
+        assert [completion(balanced_http, stream=s) for s in (False, True, False, True)] == [whole] * 4
         logged = {name: steps_logged(docker, name) for name in servers}
         for name in servers[1:]:  # the replicas are reached only through the balancer
             assert logged[name] > 0, (logged, deployment.logs("lb"))
