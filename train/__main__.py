@@ -4,6 +4,7 @@
     python -m train --time-budget 180 --out runs/demo           # the embedded corpus, 3 minutes
     python -m train --corpus tinyshakespeare --cell lstm --layers 2 --hidden 512 --steps 5000 --out runs/ts
     torchrun --standalone --nproc-per-node 2 -m train --out runs/ddp   # data-parallel: B streams shared out
+    python -m train --weight-drop 0.2 --locked-hidden 0.1 --ema 0.99 --out runs/reg   # docs/training-regularizers.md
 
 Every option left unset takes the corpus preset's value: the seed lesson's own settings for `hihell`
 (one-hot input, one nn.RNN layer of 5, Adam lr 0.1, 100 epochs, seed 777), else those in PRESETS['text'].
@@ -117,8 +118,8 @@ def parser() -> argparse.ArgumentParser:
                    help="locked (variational) dropout on the embedding: one mask per sequence, the same at every "
                         "time step of the window (Gal and Ghahramani)")
     r.add_argument("--locked-hidden", type=float, default=0.0, metavar="P",
-                   help="locked dropout between stacked layers; where --dropout draws a new mask per time step, "
-                        "this holds one per sequence")
+                   help="locked dropout between stacked layers (none with --layers 1); where --dropout draws a "
+                        "new mask per time step, this holds one per sequence")
     r.add_argument("--locked-output", type=float, default=0.0, metavar="P",
                    help="locked dropout on the top layer's output, before the projection")
     r.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
