@@ -32,8 +32,34 @@ declare -A RECIPES=(
   [cpu-1200-gru512-lr6]="--threads 2 --hidden 512 --dropout 0.25 --batch-size 64 --seq-len 64 --lr 6e-3 --eval-every 400 --time-budget 1200"  # 1.6393 / 1.6217 at step 800 of 2510, then worse
 )
 
+# --- issue 24's ablation CANDIDATES: NOT RUN YET, no figures. Each is cpu-131 plus one regularizer (or the
+# combined candidate), at 2 seeds (1337 is today's recipe itself), named abl-KEY-sSEED; `ablations` runs all 22:
+#   bench/recipes.sh ../shared/data/tinyshakespeare.txt ablations        # ~3 min each: a quiet machine only
+# Compare at equal wall time: the closing line of each run gives its chars/s and steps reached.
+declare -A ABLATIONS=(
+  [base]=""                                                          # today's recipe, no regularizer
+  [dropout01]="--dropout 0.1"                                        # today's per-time-step dropout, for reference
+  [wd02]="--weight-drop 0.2"                                         # AWD-LSTM's enwik8 rate
+  [wd05]="--weight-drop 0.5"                                         # AWD-LSTM's char-PTB rate
+  [locked-lo]="--locked-input 0.1 --locked-hidden 0.1 --locked-output 0.1"
+  [locked-hi]="--locked-input 0.1 --locked-hidden 0.25 --locked-output 0.25"
+  [ema99]="--ema 0.99"                                               # ~100-step window of ~950 steps
+  [ema995]="--ema 0.995"
+  [lstm]="--cell lstm"                                               # the cell alone, before its forget bias
+  [lstm-fb1]="--cell lstm --forget-bias 1.0"                         # Jozefowicz et al. 2015
+  [combined]="--weight-drop 0.2 --locked-input 0.1 --locked-hidden 0.1 --locked-output 0.1 --ema 0.99"
+)
+for key in "${!ABLATIONS[@]}"; do
+  for seed in 1337 1338; do
+    RECIPES[abl-$key-s$seed]="${RECIPES[cpu-131]} ${ABLATIONS[$key]} --seed $seed"
+  done
+done
+
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(cpu-131 cpu-1200)
+if [ "${names[*]}" = ablations ]; then
+  mapfile -t names < <(printf '%s\n' "${!RECIPES[@]}" | grep '^abl-' | sort)
+fi
 for name in "${names[@]}"; do
   args=${RECIPES[$name]:?unknown recipe $name (known: ${!RECIPES[*]})}
   run="$OUT/$name"

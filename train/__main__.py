@@ -4,6 +4,7 @@
     python -m train --time-budget 180 --out runs/demo           # the embedded corpus, 3 minutes
     python -m train --corpus tinyshakespeare --cell lstm --layers 2 --hidden 512 --steps 5000 --out runs/ts
     torchrun --standalone --nproc-per-node 2 -m train --out runs/ddp   # data-parallel: B streams shared out
+    python -m train --weight-drop 0.2 --locked-hidden 0.1 --ema 0.99 --out runs/reg   # docs/training-regularizers.md
 
 Every option left unset takes the corpus preset's value: the seed lesson's own settings for `hihell`
 (one-hot input, one nn.RNN layer of 5, Adam lr 0.1, 100 epochs, seed 777), else those in PRESETS['text'].
@@ -74,7 +75,10 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--hidden", type=int)
     m.add_argument("--input", choices=INPUTS)
     m.add_argument("--embed-size", type=int, default=64)
-    m.add_argument("--dropout", type=float)
+    m.add_argument("--dropout", type=float,
+                   help="ordinary dropout between stacked layers and before the projection: a new mask for every "
+                        "element at every time step (nn.Dropout; what nn.GRU's own inter-layer dropout did). "
+                        "It stacks with the --locked-* rates below; use one or the other")
     t = p.add_argument_group("training")
     t.add_argument("--batch-size", type=int, help="number of contiguous streams trained side by side")
     t.add_argument("--seq-len", type=int, help="BPTT window; the state carries across windows")
@@ -104,6 +108,25 @@ def parser() -> argparse.ArgumentParser:
                         "processes; alone, half the cores: OpenMP threads that share a core with other "
                         "work spin-wait; on 2 cores, 2 threads ran 1.4x faster than 1 alone, 2.6x slower "
                         "beside one busy process)")
+    r = p.add_argument_group(
+        "regularizers (training only, all off by default; export writes plain weights and the same graph; "
+        "see docs/training-regularizers.md)")
+    r.add_argument("--weight-drop", type=float, default=0.0, metavar="P",
+                   help="DropConnect on every layer's recurrent matrix weight_hh: one mask per batch, the fused "
+                        "kernel runs on the masked weights (AWD-LSTM)")
+    r.add_argument("--locked-input", type=float, default=0.0, metavar="P",
+                   help="locked (variational) dropout on the embedding: one mask per sequence, the same at every "
+                        "time step of the window (Gal and Ghahramani)")
+    r.add_argument("--locked-hidden", type=float, default=0.0, metavar="P",
+                   help="locked dropout between stacked layers (none with --layers 1); where --dropout draws a "
+                        "new mask per time step, this holds one per sequence")
+    r.add_argument("--locked-output", type=float, default=0.0, metavar="P",
+                   help="locked dropout on the top layer's output, before the projection")
+    r.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (e.g. 0.999): validation judges it, "
+                        "checkpoint.pt holds it and export writes it; last.pt keeps both for --resume")
+    r.add_argument("--forget-bias", type=float, default=None, metavar="B",
+                   help="LSTM only: every layer's forget-gate bias starts at B (1.0 in Jozefowicz et al. 2015)")
     b = p.add_argument_group("budget (the first reached ends training; none given = 1 epoch; "
                              "--resume may raise it)")
     b.add_argument("--steps", type=int)
@@ -134,6 +157,8 @@ def configs(args: argparse.Namespace, vocab_size: int) -> tuple[ModelConfig, Tra
         epochs=epochs,
         time_budget=args.time_budget, val_fraction=pick("val_fraction"), eval_every=args.eval_every,
         seed=pick("seed"), device=args.device, dtype=args.dtype, compile=args.compile, tf32=args.tf32,
+        weight_drop=args.weight_drop, locked_input=args.locked_input, locked_hidden=args.locked_hidden,
+        locked_output=args.locked_output, ema=args.ema, forget_bias=args.forget_bias,
     )
     return model_cfg, train_cfg
 
@@ -171,7 +196,7 @@ def report(summary: dict[str, Any], path: Path) -> str:
     else:
         head = (f"{'stopped' if summary['interrupted'] else 'trained'} at step {summary['steps']} "
                 f"({summary['chars_seen']} chars) in {summary['seconds']:.1f}s ({summary['train_seconds']:.1f}s "
-                f"training, {summary['eval_seconds']:.1f}s evaluation)")
+                f"training at {summary['chars_per_second']} chars/s, {summary['eval_seconds']:.1f}s evaluation)")
     best = summary["best_val_loss"]
     if best is None:
         quality = f"final train loss {summary['final_train_loss']:.4f} nats/char"

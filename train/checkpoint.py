@@ -5,7 +5,11 @@ Two files per run folder. checkpoint.pt holds the best-validation weights and ev
 last.pt holds the latest state with what `--resume` needs besides (optimizer, position, carried hidden
 state, RNG states). Writes are atomic: a crash mid-save leaves the previous file intact.
 
-Version 2 added last.pt and the windowed validation figures in the summary; version 1 files still load.
+Version 2 added last.pt and the windowed validation figures in the summary. Version 3 holds the layers as a
+stack of single-layer modules (keys `layers.N.weight_ih_l0` where version 2 had `rnn.weight_ih_lN`; CharRNN
+maps the old keys as it loads them, and the parameter order, hence an optimizer state, is unchanged), and
+under --ema last.pt's model_state is the averaged weights with the training weights in resume['weights'].
+Versions 1 and 2 still load, export and resume.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from typing import Any
 import torch
 
 FORMAT = "charrnn-checkpoint"
-VERSION = 2
-READABLE = (1, 2)
+VERSION = 3
+READABLE = (1, 2, 3)
 FILENAME = "checkpoint.pt"  # the best-validation weights, which export reads
 LAST = "last.pt"  # the latest state, which --resume reads
 

@@ -17,7 +17,8 @@ from typing import Any, NoReturn
 import torch
 import torch.nn.functional as F
 
-from train import checkpoint, distributed, plot, progress, rundir
+from train import checkpoint, distributed, noise, plot, progress, rundir
+from train.averaging import Average
 from train.data import Corpus, split, streams
 from train.distributed import World
 from train.evaluate import LN2, evaluate
@@ -51,6 +52,17 @@ class TrainConfig:
     dtype: str = "float32"  # bfloat16: autocast the training step (evaluation and the weights stay float32)
     compile: bool = False  # torch.compile the training step's module (CUDA only)
     tf32: bool = True  # on CUDA, float32 matmuls may use TF32 tensor cores (10 mantissa bits: ample for SGD)
+    # Regularizers, all off: the 131 s / 20 min ablations that would justify turning one on are not run yet
+    weight_drop: float = 0.0  # DropConnect on each layer's weight_hh, one mask per batch (AWD-LSTM: 0.2-0.5)
+    locked_input: float = 0.0  # locked dropout on the embedding, one mask per sequence held over time
+    locked_hidden: float = 0.0  # locked dropout between layers
+    locked_output: float = 0.0  # locked dropout on the top layer's output, before the projection
+    ema: float = 0.0  # decay of the weights' moving average that is judged and exported; 0 = off
+    forget_bias: float | None = None  # LSTM forget-gate bias at start; None = PyTorch's uniform init
+
+    @property
+    def rates(self) -> noise.Rates:
+        return noise.Rates(self.locked_input, self.locked_hidden, self.locked_output, self.weight_drop)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -72,6 +84,9 @@ class TrainConfig:
             raise ValueError("val_fraction must be in [0, 1)")
         if self.window_se <= 0:
             raise ValueError("window_se must be > 0")
+        _ = self.rates  # building them checks the drop rates
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1) (0 = off), got {self.ema}")
 
 
 @dataclass(frozen=True)
@@ -202,6 +217,8 @@ class _Run:
                  world: World) -> None:
         self.corpus, self.model_cfg, self.cfg, self.run, self.world = corpus, model_cfg, cfg, run, world
         self.out = Path(cfg.out)
+        if cfg.forget_bias is not None and model_cfg.cell != "lstm":
+            raise ValueError(f"--forget-bias sets the LSTM forget gate; --cell {model_cfg.cell} has none")
         if cfg.batch_size % world.size:
             raise ValueError(f"--batch-size {cfg.batch_size} does not divide among {world.size} processes: each "
                              "takes an equal contiguous share of the streams (global batch = --batch-size)")
@@ -233,6 +250,10 @@ class _Run:
         self.windows = math.ceil(self.inputs.shape[1] / cfg.seq_len)  # per epoch
         self.budget = _Budget(cfg, self.windows)
         self.model = CharRNN(self.model_cfg).to(self.device)
+        if cfg.forget_bias is not None:
+            self.model.set_forget_bias(cfg.forget_bias)
+        self.average = Average(self.model, cfg.ema) if cfg.ema else None
+        self.masks = noise.Masks(cfg.rates, model_cfg, cfg.batch_size, self.rows, cfg.seed, self.device)
         self.net: Callable[..., Any] = self.model  # what the training step calls: the DDP wrapper under torchrun
         if world.size > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(self.model)  # averages gradients in backward
@@ -249,6 +270,11 @@ class _Run:
         self.state = self.model.init_state(len(self.inputs), self.device)
         self.started = time.monotonic()
         self.interrupted: str | None = None
+
+    @property
+    def judged(self) -> CharRNN:
+        """The weights validation judges and checkpoint.pt holds: their average under --ema."""
+        return self.model if self.average is None else self.average.model
 
     # --- files -------------------------------------------------------------------------------------
     def _open(self, corpus: Corpus, model_cfg: ModelConfig) -> dict | None:
@@ -279,7 +305,7 @@ class _Run:
 
     def _payload(self) -> dict[str, Any]:
         return {
-            "model_state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "model_state": {k: v.detach().cpu() for k, v in self.judged.state_dict().items()},
             "model_config": self.model_cfg.to_dict(),
             "vocab": list(self.corpus.vocab),
             "summary": self.summary(),
@@ -301,12 +327,17 @@ class _Run:
             "resume": {"position": {**asdict(self.pos), "wall_seconds": self.summary()["seconds"]},
                        "state": torch.cat([state for state, _ in parts]),
                        "optimizer": self.optimizer.state_dict(), "rng": parts[0][1],
-                       "world_size": self.world.size, "rng_ranks": [rng for _, rng in parts]},
+                       "world_size": self.world.size, "rng_ranks": [rng for _, rng in parts],
+                       **({} if self.average is None else {"weights": {
+                           k: v.detach().cpu() for k, v in self.model.state_dict().items()}})},
         })
 
     def restore(self, saved: dict[str, Any]) -> None:
-        self.model.load_state_dict(saved["model_state"])
         resume = saved["resume"]
+        # under --ema model_state is the average and resume["weights"] the training weights
+        self.model.load_state_dict(resume.get("weights", saved["model_state"]))
+        if self.average is not None:
+            self.average.model.load_state_dict(saved["model_state"])
         self.optimizer.load_state_dict(resume["optimizer"])
         self.pos = Position(**resume["position"])
         self.state = resume["state"][self.rows].to(self.device)
@@ -341,6 +372,8 @@ class _Run:
             "seconds": round(pos.wall_seconds + time.monotonic() - self.started, 3),
             "train_seconds": round(pos.train_seconds, 3),
             "eval_seconds": round(pos.eval_seconds, 3),
+            # what a regularizer costs per step shows here: it must win at equal wall time, not equal steps
+            "chars_per_second": round(pos.chars / pos.train_seconds) if pos.train_seconds > 0 else 0,
             "device": str(self.device),
             "world_size": self.world.size,
             "torch_version": str(torch.__version__),
@@ -357,7 +390,7 @@ class _Run:
     def validate(self, bar: progress.Progress) -> None:
         pos, cfg = self.pos, self.cfg
         assert self.val_ids is not None  # called only when there is a validation split
-        ev = evaluate(self.model, self.val_ids, cfg.val_streams, max(cfg.seq_len, 256), self.device, cfg.seed,
+        ev = evaluate(self.judged, self.val_ids, cfg.val_streams, max(cfg.seq_len, 256), self.device, cfg.seed,
                       cfg.window_se, self.world)
         pos.eval_seconds += ev.seconds
         if not (math.isfinite(ev.carried) and math.isfinite(ev.windowed)):
@@ -398,7 +431,9 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with self.autocast:
-            logits, state = self.net(x, self.state)
+            masks = self.masks.at(pos.step)
+            # no masks, no argument: the call stays the plain contract one (and a spy on forward sees that)
+            logits, state = self.net(x, self.state) if masks is None else self.net(x, self.state, masks)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         # every rank holds an equal share of the streams: the mean of their means is the global mean, and all
         # ranks see the same figure, so all of them stop together if it is not finite
@@ -411,6 +446,8 @@ class _Run:
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
+        if self.average is not None:
+            self.average.update(self.model, pos.step)
         self.state = state.detach().float()  # truncated BPTT: carry the value, not the graph
         pos.step += 1
         pos.chunk += 1

@@ -21,7 +21,9 @@ TRAINER_FILES = (checkpoint.FILENAME, checkpoint.LAST, METRICS, PLOT)
 BUDGET = ("steps", "epochs", "time_budget")
 # Settings that change nothing a resumed run computes: where it runs and where it writes.
 OPERATIONAL = ("out", "device", "compile", "tf32")
-ADDED_LATER = {"dtype": "float32"}  # what a last.pt written before the option existed trained with
+# What a last.pt written before the option existed trained with: such runs still resume.
+ADDED_LATER = {"dtype": "float32", "weight_drop": 0.0, "locked_input": 0.0, "locked_hidden": 0.0,
+               "locked_output": 0.0, "ema": 0.0, "forget_bias": None}
 
 
 class RunDirError(ValueError):

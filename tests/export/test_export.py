@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 
 import numpy as np
 import onnx
@@ -193,13 +194,14 @@ def _copy_run(src, dst, edit=lambda ckpt: None, version=None):
 def test_export_refuses_nonfinite_weights(text_runs, tmp_path):
     def poison(ckpt):
         ckpt["model_state"]["head.bias"][2] = float("nan")
-        ckpt["model_state"]["rnn.weight_hh_l0"][0, 0] = float("inf")
+        ckpt["model_state"]["layers.0.weight_hh_l0"][0, 0] = float("inf")
 
     run = _copy_run(text_runs["gru"], tmp_path / "nan", poison)
     proc = run_stage("export", str(run), check=False)
     print(proc.stdout + proc.stderr)
     assert proc.returncode == 1
-    assert "FAIL: weights 'head.bias': 1 of" in proc.stdout and "FAIL: weights 'rnn.weight_hh_l0': 1 of" in proc.stdout
+    assert "FAIL: weights 'head.bias': 1 of" in proc.stdout
+    assert "FAIL: weights 'layers.0.weight_hh_l0': 1 of" in proc.stdout
     assert "not written" in proc.stderr and not (run / "model.onnx").exists()
 
 
@@ -219,17 +221,46 @@ def test_verify_fails_when_onnxruntime_outputs_nan(text_runs):
     assert any("max |diff| logits nan" in p for p in report.problems)
 
 
+def _multi_layer_keys(state: dict) -> dict:
+    """Version 1 and 2 files hold one multi-layer nn.RNN/GRU/LSTM: layers.1.weight_ih_l0 was rnn.weight_ih_l1."""
+    return {re.sub(r"^layers\.(\d+)\.(\w+)_l0$", r"rnn.\2_l\1", k): v for k, v in state.items()}
+
+
 def test_a_version_1_checkpoint_still_exports(text_runs, tmp_path):
-    def as_version_1(ckpt):  # what the trainer wrote before the windowed protocol existed
+    def as_version_1(ckpt):  # what the trainer wrote before the windowed protocol and the layer stack existed
         for key in ("best_val_loss_windowed", "best_val_bpc_windowed", "best_windowed_se", "best_val_bpc",
-                    "train_seconds", "eval_seconds"):
+                    "train_seconds", "eval_seconds", "chars_per_second"):
             ckpt["summary"].pop(key)
+        ckpt["model_state"] = _multi_layer_keys(ckpt["model_state"])
+        assert "rnn.weight_ih_l1" in ckpt["model_state"]
 
     run = _copy_run(text_runs["rnn"], tmp_path / "v1", as_version_1, version=1)
     assert torch.load(run / "checkpoint.pt", weights_only=True)["version"] == 1
     run_stage("export", str(run))
     meta = {p.key: p.value for p in onnx.load(str(run / "model.onnx")).metadata_props}
     assert meta["val_loss_windowed"] == "" and float(meta["val_loss"]) > 0
+    # the same weights as the version 3 file they came from: the ONNX outputs are identical
+    ids = np.array([[1, 2, 3, 4]], dtype=np.int64)
+    zero = np.zeros((1, 2, 32), dtype=np.float32)
+    old, new = (ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids, "state_in": zero}) for path in (run / "model.onnx", text_runs["rnn"] / "model.onnx"))
+    assert all(np.array_equal(a, b) for a, b in zip(old, new, strict=True))
+
+
+def test_a_version_2_checkpoint_exports_the_same_graph(text_runs, tmp_path):
+    """A file of the multi-layer module (version 2) rebuilds the stack bit for bit, and its ONNX file keeps the
+    contract: one recurrent operator per layer, the same inputs, outputs and metadata keys."""
+    run = _copy_run(text_runs["lstm"], tmp_path / "v2",
+                    lambda ckpt: ckpt.update(model_state=_multi_layer_keys(ckpt["model_state"])), version=2)
+    new = rebuild(checkpoint.load(text_runs["lstm"]))
+    old = rebuild(checkpoint.load(run))
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values(), strict=True))
+    run_stage("export", str(run))
+    proto = onnx.load(str(run / "model.onnx"))
+    assert [n.op_type for n in proto.graph.node].count("LSTM") == 2
+    assert violations(proto) == []
+    keys = {p.key for p in proto.metadata_props}
+    assert keys == {p.key for p in onnx.load(str(text_runs["lstm"] / "model.onnx")).metadata_props}
 
 
 def test_parity_is_relative_to_the_outputs_size_above_one(text_runs):

@@ -12,6 +12,7 @@ from serve.ops.version import CHANGELOG, project_version
 
 def test_the_version_is_the_newest_release_heading_of_the_changelog():
     headings = re.findall(r"^## \[([^\]]+)\]", CHANGELOG.read_text(encoding="utf-8"), re.MULTILINE)
+    headings = [h for h in headings if h != "Unreleased"]  # Keep a Changelog's heading for what is not released
     assert headings, "CHANGELOG.md lists no release"
     assert project_version() == headings[0]
     assert re.fullmatch(r"\d+\.\d+\.\d+", project_version())
@@ -30,3 +31,9 @@ def test_a_prerelease_heading_counts(tmp_path):
     changelog = tmp_path / "CHANGELOG.md"
     changelog.write_text("## [1.4.0-rc.1] - 2026-12-01\n\n## [1.3.2] - 2026-11-01\n", encoding="utf-8")
     assert project_version(changelog) == "1.4.0-rc.1"
+
+
+def test_an_unreleased_heading_above_the_releases_is_not_the_version(tmp_path):
+    changelog = tmp_path / "CHANGELOG.md"
+    changelog.write_text("## [Unreleased]\n\n### Added\n- x\n\n## [0.2.0] - 2026-12-01\n", encoding="utf-8")
+    assert project_version(changelog) == "0.2.0"

@@ -71,6 +71,20 @@ def test_two_processes_train_the_same_weights_as_one(tmp_path, tiny_corpus, two_
     assert saved["state"].shape == (4, 2, 32) and len(saved["rng_ranks"]) == 2  # every rank's slice and RNG
 
 
+def test_with_the_regularizers_two_processes_still_train_what_one_does(tmp_path, tiny_corpus):
+    """Locked and weight-drop masks come from (seed, step), drawn for the global batch: each rank applies its
+    rows of what one process applies, so even with them on (and the average) the weights agree."""
+    extra = ("--weight-drop", "0.3", "--locked-input", "0.2", "--locked-hidden", "0.2", "--locked-output", "0.2",
+             "--ema", "0.9", "--steps", "40")
+    proc = _run(2, tiny_corpus, tmp_path / "ddp", *extra)
+    assert proc.returncode == 0, proc.stderr
+    run_stage("train", "--corpus", str(tiny_corpus), *ARGS, "--out", str(tmp_path / "one"), *extra, timeout=240)
+    ddp, one = (checkpoint.load(tmp_path / name, checkpoint.LAST) for name in ("ddp", "one"))
+    assert _max_diff(ddp["model_state"], one["model_state"]) <= 1e-5  # the averages
+    assert _max_diff(ddp["resume"]["weights"], one["resume"]["weights"]) <= 1e-5  # the training weights
+    assert _max_diff(ddp["model_state"], ddp["resume"]["weights"]) > 1e-3  # (which are not the average)
+
+
 def test_the_ddp_checkpoint_exports_and_serves(two_process_run):
     out, _ = two_process_run
     run_stage("export", str(out))
