@@ -120,7 +120,7 @@ class ThreadEngine:
     the thread, `stop()` ends it."""
 
     def __init__(self, runtime: Runtime, max_batch: int = 256, max_delay_us: int = 200,
-                 window: int = 1024, metrics: StepMetrics | None = None) -> None:
+                 window: int = 1024, metrics: StepMetrics | None = None, prompt_cache_bytes: int = 0) -> None:
         self.runtime = runtime
         self.spec = runtime.spec
         self.vocab = runtime.spec.vocab
@@ -128,7 +128,8 @@ class ThreadEngine:
         self.metrics = metrics if metrics is not None else Metrics()
         self._inbox = _QueueInbox()
         self._sink = _LoopSink()
-        self.scheduler = Scheduler(runtime, self._inbox, self._sink, self.metrics, max_batch, max_delay_us, window)
+        self.scheduler = Scheduler(runtime, self._inbox, self._sink, self.metrics, max_batch, max_delay_us, window,
+                                   prompt_cache_bytes)
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None

@@ -73,7 +73,8 @@ class Ready(NamedTuple):
 
 
 class Chars(NamedTuple):
-    """One step's characters (row i: stream streams[i] got tokens[i]) and the engine's metric updates.
+    """One step's characters (row i: stream streams[i] got tokens[i]) and the engine's metric updates:
+    the prompt cache's counts since the last record, and the bytes it holds (-1: no news).
     Encoded from the step's arrays as they are; decoded into lists."""
 
     streams: list[int]
@@ -84,6 +85,11 @@ class Chars(NamedTuple):
     batch_sizes: list[int]
     characters: int
     cancelled: int
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_saved: int = 0
+    cache_evictions: int = 0
+    cache_bytes: int = -1
 
 
 class Done(NamedTuple):
@@ -136,7 +142,9 @@ _KIND: dict[type, bytes] = {
 _TYPE = {kind: cls for cls, kind in _KIND.items()}
 _CHARS, _MODEL = _KIND[Chars], _KIND[Model]
 _LENGTH = struct.Struct("<I")
-_CHARS_HEAD = struct.Struct("<IIII")  # rows, step calls, characters counted, streams cancelled
+# rows, step calls, characters counted, streams cancelled; the prompt cache's hits, misses, characters
+# saved, evictions, bytes held
+_CHARS_HEAD = struct.Struct("<IIIIIIQIq")
 
 
 def _frame(kind: bytes, payload: bytes) -> bytes:
@@ -153,14 +161,15 @@ def encode(record: Record) -> bytes:
 
 def _encode_chars(r: Chars) -> bytes:
     return b"".join((
-        _CHARS_HEAD.pack(len(r.streams), len(r.step_seconds), r.characters, r.cancelled),
+        _CHARS_HEAD.pack(len(r.streams), len(r.step_seconds), r.characters, r.cancelled, r.cache_hits,
+                         r.cache_misses, r.cache_saved, r.cache_evictions, r.cache_bytes),
         np.asarray(r.streams, dtype=np.int64).tobytes(), np.asarray(r.tokens, dtype=np.int64).tobytes(),
         np.asarray(r.logprobs, dtype=np.float64).tobytes(), np.asarray(r.finishes, dtype=np.int8).tobytes(),
         np.asarray(r.step_seconds, dtype=np.float64).tobytes(), np.asarray(r.batch_sizes, dtype=np.int64).tobytes()))
 
 
 def _decode_chars(payload: bytes) -> Chars:
-    rows, calls, characters, cancelled = _CHARS_HEAD.unpack_from(payload)
+    rows, calls, characters, cancelled, *cache = _CHARS_HEAD.unpack_from(payload)
     at = _CHARS_HEAD.size
 
     def take(dtype: Any, count: int) -> list[Any]:
@@ -171,7 +180,7 @@ def _decode_chars(payload: bytes) -> Chars:
         return values
 
     return Chars(take(np.int64, rows), take(np.int64, rows), take(np.float64, rows), take(np.int8, rows),
-                 take(np.float64, calls), take(np.int64, calls), characters, cancelled)
+                 take(np.float64, calls), take(np.int64, calls), characters, cancelled, *cache)
 
 
 def _decode(kind: bytes, payload: bytes) -> Record:
