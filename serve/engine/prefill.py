@@ -60,13 +60,16 @@ class Prefill:
     chunks with nothing kept."""
 
     def __init__(self, run: Run, zero: np.ndarray, cache: PromptCache | None, metrics: StepMetrics,
-                 stats: dict[str, float], group: Group) -> None:
+                 stats: dict[str, float], group: Group, alive: Callable[[], None]) -> None:
+        """alive(): called after every call, so that a prompt of 100,000 characters (seconds of
+        calls) is not taken for a hung engine."""
         self._run = run
         self._zero = zero  # one row's zero state [L, S]
         self.cache = cache
         self._metrics = metrics
         self._stats = stats
         self._group = group
+        self._alive = alive
         self._evictions = 0  # the cache's evictions already counted in metrics
 
     def feed(self, streams: list[Stream], max_batch: int,
@@ -136,6 +139,7 @@ class Prefill:
             abandon([c.stream for (key, _, _) in spans for c in rows[key]])
             return 0
         self._stats["prefill_calls"] += 1
+        self._alive()
         cache = self.cache
         for i, (key, _, _) in enumerate(spans):
             row_state, row_logits = state_out[i], logits[i, -1]

@@ -61,6 +61,10 @@ class Sink(Protocol):
     def flush(self) -> None:
         """The end of an iteration: hand over whatever is still held back."""
 
+    def alive(self) -> None:
+        """Long work goes on (a long prompt's prefill): say so, or the engine process's watchdog
+        (serve/process/proxy.py) would take the silence for a hang."""
+
 
 class _Batch:
     """Up to max_batch streams stepped by one onnxruntime call; their state stays on the device."""
@@ -81,6 +85,10 @@ def row_params(rows: list[Stream]) -> sampling.RowParams:
 # Characters (rows x sequence length) in one prefill or Predict/Step call. The call's logits alone are
 # this x vocab floats, so without a cap 256 concurrent 10,000-character prompts would ask for a gigabyte.
 MAX_CALL_CHARS = 65_536
+
+# Seconds between signs of life during a long prefill (an empty record each): well under any sensible
+# --engine-hang-seconds (5 by default).
+ALIVE_EVERY = 0.1
 
 T = TypeVar("T")
 
@@ -138,7 +146,8 @@ class Scheduler:
                       "rider_rows": 0, "dropped_jobs": 0, "ort_seconds": 0.0}
         cache = PromptCache(prompt_cache_bytes, runtime.spec.sha256) if prompt_cache_bytes > 0 else None
         self.prefill = Prefill(lambda ids, state: self._ort(runtime.run, ids, state), runtime.zero_state(1)[0],
-                               cache, metrics, self.stats, _group)
+                               cache, metrics, self.stats, _group, self._alive)
+        self._said_alive = 0.0
 
     def run(self) -> None:
         stepped = False
@@ -203,6 +212,12 @@ class Scheduler:
         result = call(*args)
         self.stats["ort_seconds"] += time.perf_counter() - start
         return result
+
+    def _alive(self) -> None:
+        now = time.perf_counter()
+        if now - self._said_alive >= ALIVE_EVERY:
+            self._said_alive = now
+            self.sink.alive()
 
     def _run_jobs(self, jobs: list[Job]) -> None:
         jobs = self._live(jobs)

@@ -97,6 +97,9 @@ class _LoopSink:
     def flush(self) -> None:
         pass  # everything is posted as it happens
 
+    def alive(self) -> None:
+        pass  # no watchdog watches a thread
+
     def _post(self, callback: Callable[[Any], None], payload: Any) -> None:
         """Hands results to the loop; wakes it (a syscall) only if it has not been woken already."""
         self._outbox.append((callback, payload))

@@ -191,6 +191,10 @@ class PipeSink:
         if self._tally.pending():
             self.chars([], [], np.empty(0), [])
 
+    def alive(self) -> None:
+        """An empty Chars record: the server's watchdog sees the engine process at work."""
+        self.chars([], [], np.empty(0), [])
+
 
 def read_model(fd: int, reader: records.Reader) -> bytes | None:
     """The Model record the server sends first; None if the server went away before sending it."""

@@ -252,3 +252,22 @@ def test_a_cache_of_0_mb_is_off(uncached_server):
 def test_the_docs_give_the_default_size():
     docs = (Path(__file__).resolve().parents[2] / "docs" / "prompt-cache.md").read_text()
     assert f"--prompt-cache-mb {Settings.__dataclass_fields__['prompt_cache_mb'].default}" in docs
+
+
+def test_the_startup_log_gives_the_cache_size(text_model, caplog):
+    with caplog.at_level(logging.INFO, logger="serve.ops.server"):
+        for _ in serve_model(text_model, prompt_cache_mb=2):
+            pass
+    assert "prompt cache: 2 MiB per worker process, about " in caplog.text
+    assert f"one every {CHUNK} prompt characters" in caplog.text
+
+
+def test_a_prefill_longer_than_the_hang_limit_is_not_taken_for_a_hang(text_model):
+    """A prompt of 900,000 characters feeds for seconds; the engine process says it is alive between its
+    calls, so the watchdog (here 1 s) leaves it be."""
+    prompt = (TINY_TEXT * 400)[:900_000]
+    for server in serve_model(text_model, max_prompt_chars=900_000, engine_hang_seconds=1.0, prompt_cache_mb=0):
+        start = time.monotonic()
+        text, _ = generate(server, prompt, 1, max_chars=1)
+        assert len(text) == 1 and time.monotonic() - start > 2.0, "the prefill must outlast the hang limit"
+        assert server.server.engine.stats["restarts"] == 0
