@@ -94,9 +94,14 @@ class Series(Protocol):
     def observe(self, amount: float) -> None: ...
 
 
+class Level(Protocol):
+    def set(self, value: float) -> None: ...
+
+
 class StepMetrics(Protocol):
-    """What the scheduler counts, once per onnxruntime call: prometheus metrics in the server process
-    (serve/ops/metrics.py), a tally shipped to it in the engine process (serve/process/child.py)."""
+    """What the scheduler counts, once per onnxruntime call (the prompt cache's, once per admission of
+    new streams): prometheus metrics in the server process (serve/ops/metrics.py), a tally shipped to
+    it in the engine process (serve/process/child.py)."""
 
     @property
     def characters(self) -> Counter: ...
@@ -109,3 +114,18 @@ class StepMetrics(Protocol):
 
     @property
     def batch_size(self) -> Series: ...
+
+    @property
+    def prompt_cache_hits(self) -> Counter: ...
+
+    @property
+    def prompt_cache_misses(self) -> Counter: ...
+
+    @property
+    def prompt_cache_saved(self) -> Counter: ...
+
+    @property
+    def prompt_cache_evictions(self) -> Counter: ...
+
+    @property
+    def prompt_cache_bytes(self) -> Level: ...

@@ -8,8 +8,8 @@ engine (serve/engine/thread.py) gives it a queue and the event loop; the engine 
 Each iteration:
   1. Predict/Step jobs: grouped by text length, one call per group (seq = length); while streams are
      stepping, one-character jobs instead ride in step 3's call as extra rows (host state only).
-  2. New Generate streams: prompts grouped by length, one call per group (seq = prompt length),
-     then their first characters are sampled together.
+  2. New Generate streams: prompts fed in chunks (serve/engine/prefill.py), from the prompt cache's
+     longest prefix when it is on, then their first characters are sampled together.
   3. One step of every active stream: one call per `max_batch` rows, vectorised sampling.
 Every prefill or job call holds at most MAX_CALL_CHARS characters (rows x length).
 A stream whose consumer lags `window` characters behind sits out (parked) until it catches up.
@@ -26,6 +26,8 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from serve.engine import sampling
+from serve.engine.prefill import Prefill
+from serve.engine.prompt_cache import PromptCache
 from serve.engine.protocol import Finish, StepMetrics
 from serve.engine.runtime import Runtime
 from serve.engine.stream import Job, Result, Stop, Stream
@@ -64,6 +66,10 @@ class Sink(Protocol):
     def flush(self) -> None:
         """The end of an iteration: hand over whatever is still held back."""
 
+    def alive(self) -> None:
+        """Long work goes on (a long prompt's prefill): say so, or the engine process's watchdog
+        (serve/process/proxy.py) would take the silence for a hang."""
+
 
 class _Batch:
     """Up to max_batch streams stepped by one onnxruntime call; their state stays on the device."""
@@ -85,6 +91,10 @@ def row_params(rows: list[Stream]) -> sampling.RowParams:
 # Characters (rows x sequence length) in one prefill or Predict/Step call. The call's logits alone are
 # this x vocab floats, so without a cap 256 concurrent 10,000-character prompts would ask for a gigabyte.
 MAX_CALL_CHARS = 65_536
+
+# Seconds between signs of life during a long prefill (an empty record each): well under any sensible
+# --engine-hang-seconds (5 by default).
+ALIVE_EVERY = 0.1
 
 T = TypeVar("T")
 
@@ -123,7 +133,8 @@ class Scheduler:
     """The batching loop over one runtime: `run()` until the inbox hands it a Stop."""
 
     def __init__(self, runtime: Runtime, inbox: Inbox, sink: Sink, metrics: StepMetrics, max_batch: int = 256,
-                 max_delay_us: int = 200, window: int = 1024) -> None:
+                 max_delay_us: int = 200, window: int = 1024, prompt_cache_bytes: int = 0) -> None:
+        """prompt_cache_bytes: the prompt cache's capacity (serve/engine/prompt_cache.py); 0 = none."""
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.runtime = runtime
@@ -137,8 +148,12 @@ class Scheduler:
         self._active: list[Stream] = []
         self._rows: list[Stream] = []
         self._batches: list[_Batch] = []
-        self.stats = {"step_calls": 0, "step_rows": 0, "prefill_calls": 0, "job_calls": 0, "rider_rows": 0,
-                      "dropped_jobs": 0, "ort_seconds": 0.0}
+        self.stats = {"step_calls": 0, "step_rows": 0, "prefill_calls": 0, "prefill_chars": 0, "job_calls": 0,
+                      "rider_rows": 0, "dropped_jobs": 0, "ort_seconds": 0.0}
+        cache = PromptCache(prompt_cache_bytes, runtime.spec.sha256) if prompt_cache_bytes > 0 else None
+        self.prefill = Prefill(lambda ids, state: self._ort(runtime.run, ids, state), runtime.zero_state(1)[0],
+                               cache, metrics, self.stats, _group, self._alive)
+        self._said_alive = 0.0
 
     def run(self) -> None:
         stepped = False
@@ -204,6 +219,12 @@ class Scheduler:
         self.stats["ort_seconds"] += time.perf_counter() - start
         return result
 
+    def _alive(self) -> None:
+        now = time.perf_counter()
+        if now - self._said_alive >= ALIVE_EVERY:
+            self._said_alive = now
+            self.sink.alive()
+
     def _run_jobs(self, jobs: list[Job]) -> None:
         jobs = self._live(jobs)
         for group in _group(jobs, lambda j: len(j.ids), self.max_batch):
@@ -234,20 +255,7 @@ class Scheduler:
             self.metrics.cancelled_streams.inc(waiting - len(fresh))
         if not fresh:
             return
-        first: dict[int, np.ndarray] = {}
-        prompted = [s for s in fresh if len(s.prompt)]
-        for group in _group(prompted, lambda s: len(s.prompt), self.max_batch):
-            ids = np.stack([s.prompt for s in group])
-            try:
-                logits, state_out = self._ort(self.runtime.run, ids, self.runtime.zero_state(len(group)))
-            except Exception:  # fail this group only; other streams keep going
-                log.exception("onnxruntime failed on a prefill batch")
-                self._abandon(group)
-                continue
-            self.stats["prefill_calls"] += 1
-            for i, s in enumerate(group):
-                s.state = state_out[i]
-                first[id(s)] = logits[i, -1]
+        first = self.prefill.feed([s for s in fresh if len(s.prompt)], self.max_batch, self._abandon)
         fresh = [s for s in fresh if not s.done]
         if not fresh:
             return

@@ -101,6 +101,9 @@ class _LoopSink:
     def flush(self) -> None:
         pass  # everything is posted as it happens
 
+    def alive(self) -> None:
+        pass  # no watchdog watches a thread
+
     def _post(self, callback: Callable[[Any], None], payload: Any) -> None:
         """Hands results to the loop; wakes it (a syscall) only if it has not been woken already."""
         self._outbox.append((callback, payload))
@@ -124,7 +127,7 @@ class ThreadEngine:
     the thread, `stop()` ends it."""
 
     def __init__(self, runtime: Runtime, max_batch: int = 256, max_delay_us: int = 200,
-                 window: int = 1024, metrics: StepMetrics | None = None) -> None:
+                 window: int = 1024, metrics: StepMetrics | None = None, prompt_cache_bytes: int = 0) -> None:
         self.runtime = runtime
         self.spec = runtime.spec
         self.vocab = runtime.spec.vocab
@@ -132,7 +135,8 @@ class ThreadEngine:
         self.metrics = metrics if metrics is not None else Metrics()
         self._inbox = _QueueInbox()
         self._sink = _LoopSink()
-        self.scheduler = Scheduler(runtime, self._inbox, self._sink, self.metrics, max_batch, max_delay_us, window)
+        self.scheduler = Scheduler(runtime, self._inbox, self._sink, self.metrics, max_batch, max_delay_us, window,
+                                   prompt_cache_bytes)
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None

@@ -55,6 +55,22 @@ class Metrics:
         self.time_to_first_char = Histogram("charrnn_time_to_first_char_seconds",
                                             "Generate and streamed completions: seconds from the call's start "
                                             "to its first character", ["surface"], buckets=_TTFC_BUCKETS, registry=r)
+        # The prompt cache (serve/engine/prompt_cache.py), counted once per admission of new streams.
+        self.prompt_cache_hits = Counter(
+            "charrnn_prompt_cache_hits", "Generate prompts that resumed from a cached prefix", registry=r)
+        self.prompt_cache_misses = Counter(
+            "charrnn_prompt_cache_misses", "Generate prompts that found no cached prefix (fed from the start)",
+            registry=r)
+        self.prompt_cache_saved = Counter(
+            "charrnn_prompt_cache_saved_characters",
+            "prompt characters not fed to the model: resumed from the cache, or shared with a concurrent "
+            "prompt with the same prefix", registry=r)
+        self.prompt_cache_evictions = Counter(
+            "charrnn_prompt_cache_evictions", "cached prefixes dropped to stay within --prompt-cache-mb",
+            registry=r)
+        self.prompt_cache_bytes = Gauge(
+            "charrnn_prompt_cache_bytes", "bytes the prompt cache holds (states, logits and their overhead)",
+            registry=r, multiprocess_mode="livesum")  # workers: the sum over those alive
         # A fleet's model rollout in one query: `count by (sha256) (charrnn_model_info)` is 1 row when every
         # replica serves one model (serve/ops/reload.py keeps the gauge on the model served now).
         self.model_info = Gauge("charrnn_model_info", "1 for the model this server serves, by its file's SHA-256",

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from serve.engine.prompt_cache import MB
 from serve.engine.protocol import Engine
 from serve.engine.runtime import Runtime
 from serve.engine.thread import ThreadEngine
@@ -49,10 +50,11 @@ def load_model(settings: Settings, data: bytes, metrics: Metrics, sequences: Seq
     if settings.engine == "process":  # the engine process loads and checks the model; nothing here does
         engine = ProcessEngine(settings.model, settings.device, settings.threads, settings.max_batch,
                                settings.max_delay_us, metrics=metrics, hang_seconds=settings.engine_hang_seconds,
-                               data=data)
+                               data=data, prompt_cache_mb=settings.prompt_cache_mb, log_level=settings.log_level)
     else:
         engine = ThreadEngine(Runtime(settings.model, settings.device, settings.threads, data=data),
-                              settings.max_batch, settings.max_delay_us, metrics=metrics)
+                              settings.max_batch, settings.max_delay_us, metrics=metrics,
+                              prompt_cache_bytes=settings.prompt_cache_mb * MB)
     try:  # an engine process is running from here on: it must not outlive a failure
         charrnn = CharRNNService(engine, engine.provider, settings.max_chars, settings.state_key.encode(),
                                  settings.max_prompt_chars, version=version)

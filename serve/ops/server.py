@@ -43,6 +43,7 @@ from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 from serve.api.pb.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
 from serve.api.pb.inference import grpc_service_pb2 as inference_pb
 from serve.api.pb.inference import grpc_service_pb2_grpc as inference_grpc
+from serve.engine.prompt_cache import CHUNK, MB, entry_bytes
 from serve.engine.protocol import Engine, EngineState
 from serve.engine.runtime import read_model
 from serve.errors import ConfigError, DeviceError, EngineFailure, EngineLost, ModelError
@@ -254,6 +255,7 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
     sequences = Sequences(None, settings.max_sequences, settings.sequence_idle_seconds)  # they outlive reloads
     model = load_model(settings, data, metrics, sequences, version)
     engine, provider = model.engine, model.engine.provider
+    _log_prompt_cache(settings, model)
     try:  # an engine process is running from here on: it must not outlive a failed start
         models = ModelSlot(model)
         watcher = ModelWatcher(settings.model, settings.reload_interval,
@@ -289,6 +291,17 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
         raise
     return Server(server, models, watcher, health_servicer, gate, metrics, f"{host}:{port}", provider,
                   metrics_port, http), port
+
+
+def _log_prompt_cache(settings: Settings, model: Model) -> None:
+    """GetModelInfo has no field for it (a proto change for one number): the log says how big it is."""
+    if not settings.prompt_cache_mb:
+        log.info("prompt cache: off (--prompt-cache-mb 0)")
+        return
+    spec = model.engine.spec
+    entry = entry_bytes(spec.num_layers, spec.state_size, len(spec.vocab))
+    log.info("prompt cache: %d MiB per worker process, about %d checkpoints of %d bytes, one every %d prompt "
+             "characters", settings.prompt_cache_mb, settings.prompt_cache_mb * MB // entry, entry, CHUNK)
 
 
 StopRequests = Callable[[asyncio.AbstractEventLoop, Callable[[], None]], None]

@@ -62,6 +62,10 @@ class Settings:
                 "refused at once with RESOURCE_EXHAUSTED (HTTP 429), never queued"})
     max_prompt_chars: int = field(default=10_000, metadata={
         "help": "upper limit on the characters of a prompt and of one Predict/Step text (INVALID_ARGUMENT above)"})
+    prompt_cache_mb: int = field(default=64, metadata={
+        "help": "MiB per worker process for the prompt state cache: a Generate whose prompt shares a prefix "
+                "with an earlier one resumes from its state (exact: same text and logprobs); least recently "
+                "used out first, emptied on a model change; 0 = off (docs/prompt-cache.md)"})
     max_message_bytes: int = field(default=1 << 20, metadata={
         "help": "largest request message gRPC accepts, and largest HTTP request body; larger ones get "
                 "RESOURCE_EXHAUSTED from gRPC itself, 413 over HTTP"})

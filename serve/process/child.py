@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from serve.engine.prompt_cache import MB
 from serve.engine.protocol import Finish
 from serve.engine.runtime import Runtime
 from serve.engine.scheduler import Alternatives, JobOutcome, Scheduler, Work
@@ -43,6 +44,14 @@ class _Series:
         self.values.append(amount)
 
 
+class _Level:
+    def __init__(self) -> None:
+        self.value = -1  # -1: not set since the last take
+
+    def set(self, value: float) -> None:
+        self.value = int(value)
+
+
 class Tally:
     """The scheduler's StepMetrics in this process: what the server's metrics should count, shipped
     with the next Chars record."""
@@ -52,16 +61,29 @@ class Tally:
         self.cancelled_streams = _Counter()
         self.step_seconds = _Series()
         self.batch_size = _Series()
+        self.prompt_cache_hits = _Counter()
+        self.prompt_cache_misses = _Counter()
+        self.prompt_cache_saved = _Counter()
+        self.prompt_cache_evictions = _Counter()
+        self.prompt_cache_bytes = _Level()
+        self._counters = (self.characters, self.cancelled_streams, self.prompt_cache_hits, self.prompt_cache_misses,
+                          self.prompt_cache_saved, self.prompt_cache_evictions)
 
     def pending(self) -> bool:
-        return bool(self.characters.value or self.cancelled_streams.value or self.step_seconds.values)
+        return bool(any(c.value for c in self._counters) or self.step_seconds.values
+                    or self.prompt_cache_bytes.value >= 0)
 
-    def take(self) -> tuple[list[float], list[int], int, int]:
-        """(step seconds, batch sizes, characters, cancelled streams) since the last take."""
+    def take(self) -> tuple[list[float], list[int], int, int, int, int, int, int, int]:
+        """Chars' fields after the tokens, counted since the last take: step seconds, batch sizes,
+        characters, cancelled streams, the prompt cache's hits, misses, characters saved, evictions,
+        and the bytes it holds (-1: not set since)."""
         taken = (self.step_seconds.values, [int(n) for n in self.batch_size.values], self.characters.value,
-                 self.cancelled_streams.value)
+                 self.cancelled_streams.value, self.prompt_cache_hits.value, self.prompt_cache_misses.value,
+                 self.prompt_cache_saved.value, self.prompt_cache_evictions.value, self.prompt_cache_bytes.value)
         self.step_seconds.values, self.batch_size.values = [], []
-        self.characters.value = self.cancelled_streams.value = 0
+        for c in self._counters:
+            c.value = 0
+        self.prompt_cache_bytes.value = -1
         return taken
 
 
@@ -173,6 +195,10 @@ class PipeSink:
         if self._tally.pending():
             self.chars([], [], np.empty(0), [])
 
+    def alive(self) -> None:
+        """An empty Chars record: the server's watchdog sees the engine process at work."""
+        self.chars([], [], np.empty(0), [])
+
 
 def read_model(fd: int, reader: records.Reader) -> bytes | None:
     """The Model record the server sends first; None if the server went away before sending it."""
@@ -195,10 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--max-delay-us", type=int, default=200)
     p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--prompt-cache-mb", type=int, default=0)
+    p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # the server decides when the engine stops
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s engine: %(name)s: %(message)s")
     out = os.dup(1)
     os.dup2(2, 1)  # stdout carries records only: anything printed goes to stderr
@@ -215,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tally, live = Tally(), InFlight()
     sink = PipeSink(out, tally, live)
     scheduler = Scheduler(runtime, PipeInbox(inp, runtime.spec.vocab, live, reader), sink, tally,
-                          max_batch=args.max_batch, max_delay_us=args.max_delay_us, window=args.window)
+                          max_batch=args.max_batch, max_delay_us=args.max_delay_us, window=args.window,
+                          prompt_cache_bytes=args.prompt_cache_mb * MB)
     sink.write(records.encode(records.Ready(runtime.provider, runtime.spec)))
     scheduler.run()  # returns after Stop (or the server's exit), having failed what was left
     return 0

@@ -58,11 +58,14 @@ class ProcessEngine:
 
     hang_seconds: how long work may wait with nothing coming back before the child is taken for hung
     and killed (0: never). data: the model's bytes when the caller read them already (a reload checks
-    exactly the bytes it hashed); None reads the file."""
+    exactly the bytes it hashed); None reads the file. prompt_cache_mb: the engine process's prompt cache
+    (serve/engine/prompt_cache.py; 0 = none). log_level: the engine process's (DEBUG shows the prompt
+    cache's line per admission)."""
 
     def __init__(self, model: str, device: str = "auto", threads: int = 1, max_batch: int = 256,
                  max_delay_us: int = 200, window: int = 1024, metrics: Metrics | None = None,
-                 hang_seconds: float = 5.0, data: bytes | None = None) -> None:
+                 hang_seconds: float = 5.0, data: bytes | None = None, prompt_cache_mb: int = 0,
+                 log_level: str = "WARNING") -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self._model = data if data is not None else read_model(model)
@@ -74,7 +77,8 @@ class ProcessEngine:
         # caught up and waits is always within half a window: the stream rejoins, whatever the window.
         self.report_every = max(1, window // 4)
         self._args = ["--model", model, "--device", device, "--threads", str(threads), "--max-batch",
-                      str(max_batch), "--max-delay-us", str(max_delay_us), "--window", str(window)]
+                      str(max_batch), "--max-delay-us", str(max_delay_us), "--window", str(window),
+                      "--prompt-cache-mb", str(prompt_cache_mb), "--log-level", log_level]
         self._streams: dict[int, Stream] = {}
         self._jobs: dict[int, asyncio.Future[Result]] = {}
         self._next_id = 0
@@ -388,6 +392,18 @@ class ProcessEngine:
             metrics.characters.inc(record.characters)
         if record.cancelled:
             metrics.cancelled_streams.inc(record.cancelled)
+        if record.cache_bytes >= 0:  # the engine's prompt cache changed: rare, once per admission
+            self._cache(record)
+
+    def _cache(self, record: records.Chars) -> None:
+        metrics = self.metrics
+        for counter, value in ((metrics.prompt_cache_hits, record.cache_hits),
+                               (metrics.prompt_cache_misses, record.cache_misses),
+                               (metrics.prompt_cache_saved, record.cache_saved),
+                               (metrics.prompt_cache_evictions, record.cache_evictions)):
+            if value:
+                counter.inc(value)
+        metrics.prompt_cache_bytes.set(record.cache_bytes)
 
     def _fail_all(self, error: ServeError) -> None:
         streams, self._streams = list(self._streams.values()), {}

@@ -73,10 +73,11 @@ class Ready(NamedTuple):
 
 
 class Chars(NamedTuple):
-    """One step's characters (row i: stream streams[i] got tokens[i]) and the engine's metric updates.
-    Encoded from the step's arrays as they are; decoded into lists. The rows that asked for alternatives
-    (OpenAI's logprobs) have them in alternative_rows (indices into the rows) with their token ids and
-    log-probabilities [m, K]; they are empty for everyone else, which costs the hot path two zeros."""
+    """One step's characters (row i: stream streams[i] got tokens[i]) and the engine's metric updates:
+    the prompt cache's counts since the last record, and the bytes it holds (-1: no news). Encoded from the
+    step's arrays as they are; decoded into lists. The rows that asked for alternatives (OpenAI's logprobs)
+    have them in alternative_rows (indices into the rows) with their token ids and log-probabilities [m, K];
+    they are empty for everyone else, which costs the hot path two zeros."""
 
     streams: list[int]
     tokens: list[int]
@@ -86,6 +87,11 @@ class Chars(NamedTuple):
     batch_sizes: list[int]
     characters: int
     cancelled: int
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_saved: int = 0
+    cache_evictions: int = 0
+    cache_bytes: int = -1
     alternative_rows: list[int] | np.ndarray = np.empty(0, dtype=np.int64)
     alternative_ids: np.ndarray = np.empty((0, 0), dtype=np.int64)
     alternative_logprobs: np.ndarray = np.empty((0, 0), dtype=np.float64)
@@ -141,7 +147,9 @@ _KIND: dict[type, bytes] = {
 _TYPE = {kind: cls for cls, kind in _KIND.items()}
 _CHARS, _MODEL = _KIND[Chars], _KIND[Model]
 _LENGTH = struct.Struct("<I")
-_CHARS_HEAD = struct.Struct("<IIIIII")  # rows, step calls, characters counted, streams cancelled, alternatives m, K
+# rows, step calls, characters counted, streams cancelled; the prompt cache's hits, misses, characters
+# saved, evictions, bytes held; the alternatives' m and K
+_CHARS_HEAD = struct.Struct("<IIIIIIQIqII")
 
 
 def _frame(kind: bytes, payload: bytes) -> bytes:
@@ -159,7 +167,8 @@ def encode(record: Record) -> bytes:
 def _encode_chars(r: Chars) -> bytes:
     m, width = r.alternative_ids.shape if len(r.alternative_rows) else (0, 0)
     return b"".join((
-        _CHARS_HEAD.pack(len(r.streams), len(r.step_seconds), r.characters, r.cancelled, m, width),
+        _CHARS_HEAD.pack(len(r.streams), len(r.step_seconds), r.characters, r.cancelled, r.cache_hits,
+                         r.cache_misses, r.cache_saved, r.cache_evictions, r.cache_bytes, m, width),
         np.asarray(r.streams, dtype=np.int64).tobytes(), np.asarray(r.tokens, dtype=np.int64).tobytes(),
         np.asarray(r.logprobs, dtype=np.float64).tobytes(), np.asarray(r.finishes, dtype=np.int8).tobytes(),
         np.asarray(r.step_seconds, dtype=np.float64).tobytes(), np.asarray(r.batch_sizes, dtype=np.int64).tobytes(),
@@ -169,7 +178,7 @@ def _encode_chars(r: Chars) -> bytes:
 
 
 def _decode_chars(payload: bytes) -> Chars:
-    rows, calls, characters, cancelled, m, width = _CHARS_HEAD.unpack_from(payload)
+    rows, calls, characters, cancelled, *cache, m, width = _CHARS_HEAD.unpack_from(payload)
     at = _CHARS_HEAD.size
 
     def array(dtype: Any, count: int) -> np.ndarray:
@@ -183,7 +192,7 @@ def _decode_chars(payload: bytes) -> Chars:
         return values
 
     chars = Chars(take(np.int64, rows), take(np.int64, rows), take(np.float64, rows), take(np.int8, rows),
-                  take(np.float64, calls), take(np.int64, calls), characters, cancelled)
+                  take(np.float64, calls), take(np.int64, calls), characters, cancelled, *cache)
     if not m:
         return chars
     return chars._replace(alternative_rows=take(np.int64, m),

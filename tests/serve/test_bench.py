@@ -61,3 +61,16 @@ def test_limits_benchmark_measures_refusals_and_freed_slots(text_model):
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     assert re.search(r"refused over capacity: median \d+\.\d ms, worst \d+\.\d ms", proc.stdout)
     assert re.search(r"slot free after cancel: median \d+\.\d ms, worst \d+\.\d ms", proc.stdout)
+
+
+def test_prompt_cache_benchmark_runs_end_to_end():
+    """bench/prompt_cache.py shrunk: both servers start, every load completes, the four rows print with
+    both columns and a ratio (speed is judged by the full run, quoted in docs/prompt-cache.md)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "prompt_cache.py"), "--hidden", "32", "--rounds", "2",
+                           "--total-chars", "2000", "--calls", "4", "--streams", "4", "--prefix", "200", "--short",
+                           "50", "--chars", "10"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    for row in (r"\(a\) conversation of 4 calls to 2000 chars: last call TTFC", r"\(a\) conversation: server CPU",
+                r"\(b\) 4 streams, 200-char prefix seen once: TTFC p50", r"\(c\) nothing hits, 4 streams x 10 chars"):
+        assert re.search(rf"^{row}.*\s\d+\.\d+\S*\s+\d+\.\d+\S*\s+\d+\.\d\dx  \(rounds .*goal >=", proc.stdout, re.M), \
+            proc.stdout

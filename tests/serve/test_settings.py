@@ -70,3 +70,13 @@ def test_python_m_serve_exits_2_without_a_traceback(argv, environ, fragment):
                           env={**env, **environ}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error:" in proc.stderr and fragment in proc.stderr
+
+
+def test_prompt_cache_size_from_flag_or_environment():
+    assert parse(["--model", "m.onnx"], {}).prompt_cache_mb == 64
+    assert parse(["--model", "m.onnx"], {"CHARRNN_PROMPT_CACHE_MB": "0"}).prompt_cache_mb == 0  # off
+    assert parse(["--model", "m.onnx", "--prompt-cache-mb", "8"], {"CHARRNN_PROMPT_CACHE_MB": "0"}).prompt_cache_mb == 8
+
+
+def test_a_negative_prompt_cache_is_a_usage_error(capsys):
+    assert "argument --prompt-cache-mb: must be >= 0, got '-1'" in usage_error(capsys, ["--prompt-cache-mb", "-1"], {})

@@ -11,8 +11,9 @@ from serve.ops.version import CHANGELOG, project_version
 
 
 def test_the_version_is_the_newest_release_heading_of_the_changelog():
-    headings = re.findall(r"^## \[([^\]]+)\]", CHANGELOG.read_text(encoding="utf-8"), re.MULTILINE)
-    headings = [h for h in headings if h != "Unreleased"]  # Keep a Changelog's heading for what is not released
+    # Keep a Changelog's `## [Unreleased]` above the releases gathers what the next one will hold: not a version
+    headings = [h for h in re.findall(r"^## \[([^\]]+)\]", CHANGELOG.read_text(encoding="utf-8"), re.MULTILINE)
+                if h != "Unreleased"]
     assert headings, "CHANGELOG.md lists no release"
     assert project_version() == headings[0]
     assert re.fullmatch(r"\d+\.\d+\.\d+", project_version())
