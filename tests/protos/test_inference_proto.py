@@ -75,7 +75,7 @@ def described(files: descriptor_pb2.FileDescriptorSet) -> dict[str, dict]:
 
 
 def test_the_triton_env_holds_the_pinned_versions(tritonclient_side):
-    pins = dict(re.findall(r"^([A-Za-z_-]+)(?:\[\w+\])?==([\w.]+)",
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)(?:\[[\w,]+\])?==([\w.]+)",
                            (ROOT / "requirements/tritonclient.txt").read_text(), re.M))
     for name, version in tritonclient_side["versions"].items():
         assert pins[name] == version, f"{name} {version} in .venv-triton, {pins[name]} pinned: make install"
