@@ -12,6 +12,7 @@ the Triton repository cannot be written.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from export.check import TOLERANCE, verify
 from export.files import write_atomically
 from export.to_onnx import ExportError, provenance_of, rebuild, to_onnx
 from export.triton_repo import TritonModel, check_name, write_repository
-from train.checkpoint import CheckpointError, load
+from train.checkpoint import FILENAME, CheckpointError, load
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,6 +44,16 @@ def _model_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def ended_at(ckpt: dict, run_dir: Path) -> str:
+    """When training saved these weights: the summary's ended_at, or for checkpoints written before it
+    existed the file's modification time (also fixed for a given file: re-exports stay byte-identical)."""
+    stamp = ckpt["summary"].get("ended_at")
+    if stamp:
+        return str(stamp)
+    path = run_dir / FILENAME if run_dir.is_dir() else run_dir
+    return dt.datetime.fromtimestamp(int(path.stat().st_mtime), dt.UTC).isoformat(timespec="seconds")
+
+
 def export(run_dir: Path, out: Path | None = None, triton_repo: Path | None = None,
            triton_name: str = "charrnn") -> int:
     out = out or run_dir / "model.onnx"
@@ -59,7 +70,7 @@ def export(run_dir: Path, out: Path | None = None, triton_repo: Path | None = No
         print(f"export: error: {run_dir}: checkpoint does not rebuild a model ({exc})", file=sys.stderr)
         return 2
     try:
-        proto = to_onnx(model, ckpt["vocab"], provenance_of(ckpt["summary"]))
+        proto = to_onnx(model, ckpt["vocab"], provenance_of(ckpt["summary"], ended_at(ckpt, run_dir)))
     except ExportError as exc:
         print(f"export: error: {run_dir}: the exporter failed ({exc}); {out} not written", file=sys.stderr)
         return 1

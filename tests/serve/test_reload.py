@@ -25,7 +25,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from live import LiveServer
-from support import ROOT
+from support import ROOT, run_stage
 
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 from serve.api.pb.inference import grpc_service_pb2 as kpb
@@ -194,6 +194,19 @@ def test_an_unchanged_file_touched_is_not_reloaded(live, models):
     time.sleep(10 * INTERVAL)
     port = live.server.metrics_port
     assert (reloads(port, "ok"), reloads(port, "refused")) == (0, 0)
+
+
+def test_exporting_the_same_checkpoint_again_does_not_reload(live, models, text_runs):
+    """Reproducible export (issue 22): the same checkpoint exported over the served file gives the same
+    bytes, so the server sees a new inode and times but the served SHA-256, and loads nothing."""
+    path, a, _ = models
+    before = path.read_bytes()
+    run_stage("export", str(text_runs["gru"]), "--out", str(path))
+    assert path.read_bytes() == before
+    time.sleep(10 * INTERVAL)
+    port = live.server.metrics_port
+    assert (reloads(port, "ok"), reloads(port, "refused")) == (0, 0)
+    assert sha(live) == sha256_of(a)
 
 
 class Workers:
