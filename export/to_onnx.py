@@ -8,7 +8,6 @@ TorchScript path emits the ONNX RNN/GRU/LSTM operators with fully dynamic batch 
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 import json
 import warnings
@@ -68,7 +67,6 @@ def _to_onnx(model: CharRNN, vocab: list[str], provenance: dict[str, str]) -> on
         "state_size": str(cfg.state_size),
         "producer": "charrnn",
         "torch_version": str(torch.__version__),
-        "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **provenance,
     }
     del proto.metadata_props[:]
@@ -79,9 +77,11 @@ def _to_onnx(model: CharRNN, vocab: list[str], provenance: dict[str, str]) -> on
     return proto
 
 
-def provenance_of(summary: dict[str, Any]) -> dict[str, str]:
-    """val_loss is the carried-state protocol; val_loss_windowed the 256-char windows (empty for checkpoints
-    of format version 1, which predate it, and for runs without a validation split)."""
+def provenance_of(summary: dict[str, Any], ended_at: str) -> dict[str, str]:
+    """ended_at: when training saved these weights (never the clock now: the same checkpoint exports the same
+    bytes, so a server watching the file sees nothing new). val_loss is the carried-state protocol;
+    val_loss_windowed the 256-char windows (empty for checkpoints of format version 1, which predate it,
+    and for runs without a validation split)."""
 
     def nats(key: str) -> str:
         value = summary.get(key)
@@ -94,4 +94,5 @@ def provenance_of(summary: dict[str, Any]) -> dict[str, str]:
         "val_loss": nats("best_val_loss"),
         "val_loss_windowed": nats("best_val_loss_windowed"),
         "train_seconds": str(summary.get("seconds", "")),
+        "exported_at": ended_at,
     }

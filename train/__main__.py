@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from train import distributed
+from train import distributed, rundir
 from train.checkpoint import FILENAME, CheckpointError
 from train.data import DEFAULT_CACHE, CorpusError, load_corpus
 from train.loop import Diverged, RunOptions, TrainConfig, train
@@ -54,8 +54,16 @@ PRESETS = {
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True,
-                   help=f"run folder: {FILENAME}, last.pt, metrics.jsonl, loss.png")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help=f"run folder: {FILENAME}, last.pt, metrics.jsonl, loss.png")
+    where.add_argument("--runs", type=Path, metavar="DIR",
+                       help="train into DIR/<identity>, a folder named by a hash of the run's identity (corpus "
+                            "text, vocabulary, model, every setting but the budget), and point DIR/latest at it: "
+                            "with --resume auto an unchanged identity continues or keeps its run, a changed one "
+                            "trains a run of its own beside the earlier ones")
+    p.add_argument("--run-tag", default="", metavar="TAG",
+                   help="with --runs: part of the identity, so a new TAG trains the same settings again from "
+                        "scratch in a folder of its own (default: empty)")
     p.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), default=None, metavar="auto",
                    help="continue the run in --out from last.pt (only the budget may change); "
                         "'--resume auto' also starts a fresh run when --out holds none")
@@ -176,8 +184,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads or distributed.default_threads(world)))
     try:
         corpus = load_corpus(args.corpus, args.cache_dir)
+        if args.runs is not None:  # the folder is the identity's: computed before configs reads args.out
+            model_cfg, train_cfg = configs(args, len(corpus.vocab))
+            name = rundir.identity(rundir.corpus_sha256(corpus.text), corpus.vocab, model_cfg.to_dict(),
+                                   rundir.config_dict(train_cfg), args.run_tag)
+            args.out = args.runs / name
+            if world.main:
+                print(f"run {name}: {args.out}", file=sys.stderr, flush=True)
         model_cfg, train_cfg = configs(args, len(corpus.vocab))
         summary = train(corpus, model_cfg, train_cfg, run_options(args), world)
+        if args.runs is not None and world.main and summary["exit_code"] == 0:
+            rundir.point_latest(args.runs, args.out.name)
     except Diverged as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 1

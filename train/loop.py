@@ -4,6 +4,7 @@ step 0, every eval_every steps and at the end, the best-validation checkpoint, l
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import math
@@ -377,6 +378,9 @@ class _Run:
             "device": str(self.device),
             "world_size": self.world.size,
             "torch_version": str(torch.__version__),
+            # the wall-clock time these figures were taken (each save): export stamps it as exported_at, so
+            # the same checkpoint always exports the same bytes
+            "ended_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
 
     # --- the loop ----------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ and whether last.pt belongs to the run being asked for (--resume may change only
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import random
 from dataclasses import asdict
 from pathlib import Path
@@ -76,6 +78,27 @@ def mismatches(saved: dict[str, Any], sha256: str, vocab: tuple[str, ...], model
         if there != value:
             problems.append(f"{key}: {there!r} there, {value!r} here")
     return problems
+
+
+LATEST = "latest"  # in a --runs folder: a link to the run trained last, which export publishes
+
+
+def identity(sha256: str, vocab: tuple[str, ...], model_config: dict[str, Any], train_config: dict[str, Any],
+             tag: str = "") -> str:
+    """The run's identity as a folder name: a hash of what --resume compares (corpus text, vocabulary, model
+    config, every training setting but the budget and where it runs) and TAG, which starts a run afresh
+    with the same settings. Equal identities resume one run; any difference trains a run of its own."""
+    what = {"corpus_sha256": sha256, "vocab": list(vocab), "model": model_config, "tag": tag,
+            "train": {k: v for k, v in train_config.items() if k not in BUDGET and k not in OPERATIONAL}}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def point_latest(runs: Path, name: str) -> None:
+    """RUNS/latest -> NAME, replaced in one rename (export reads RUNS/latest while this may run again)."""
+    tmp = runs / f".{LATEST}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(name, tmp)
+    os.replace(tmp, runs / LATEST)
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:  # Any: a dataclass instance

@@ -73,8 +73,9 @@ class Metrics:
             registry=r, multiprocess_mode="livesum")  # workers: the sum over those alive
         # A fleet's model rollout in one query: `count by (sha256) (charrnn_model_info)` is 1 row when every
         # replica serves one model (serve/ops/reload.py keeps the gauge on the model served now).
-        self.model_info = Gauge("charrnn_model_info", "1 for the model this server serves, by its file's SHA-256",
-                                ["sha256"], registry=r, multiprocess_mode="liveall")  # workers: one row each
+        self.model_info = Gauge("charrnn_model_info", "1 for the model this server serves, by its file's SHA-256 "
+                                "and its version (--model-repository's number; 1 for --model)",
+                                ["sha256", "version"], registry=r, multiprocess_mode="liveall")  # workers: one row each
         self.model_reloads = Counter(
             "charrnn_model_reloads", "changed model files: ok (now served) or refused (bad, missing or failing "
             "its check; the model before it is still served)", ["result"], registry=r)

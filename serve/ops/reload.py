@@ -1,4 +1,9 @@
-"""The served model follows its --model file: loading one model, and watching the file for a new one.
+"""The served model follows its --model file (or --model-repository's highest version): loading one model,
+and watching for a new one.
+
+With --model-repository the watcher asks serve/ops/repository.py which file to serve at every check: a
+new version, or a rollback that moved the highest aside, names another file, which is then read, loaded
+and checked exactly as a changed --model file is. A model is known by its SHA-256 and its version.
 
 Every --reload-interval seconds (and at once on SIGHUP) the watcher stats the file. When its identity
 (inode, size, modification and change times) differs from the last one seen, it reads the bytes and
@@ -42,28 +47,29 @@ from serve.service.sequences import Sequences
 log = logging.getLogger(__name__)
 
 
-def load_model(settings: Settings, data: bytes, metrics: Metrics, sequences: Sequences, version: str) -> Model:
-    """A Model over these bytes of settings.model, its engine loaded and checked (not started yet);
-    version: the project's (GetModelInfo). Blocks for the load; raises ModelError / DeviceError /
-    EngineFailure when the bytes cannot be served."""
+def load_model(settings: Settings, data: bytes, metrics: Metrics, sequences: Sequences, version: str,
+               path: str, model_version: str) -> Model:
+    """A Model over these bytes of PATH, its engine loaded and checked (not started yet); version: the
+    project's (GetModelInfo); model_version: the served version ("1" for --model). Blocks for the load;
+    raises ModelError / DeviceError / EngineFailure when the bytes cannot be served."""
     engine: Engine
     if settings.engine == "process":  # the engine process loads and checks the model; nothing here does
-        engine = ProcessEngine(settings.model, settings.device, settings.threads, settings.max_batch,
+        engine = ProcessEngine(path, settings.device, settings.threads, settings.max_batch,
                                settings.max_delay_us, metrics=metrics, hang_seconds=settings.engine_hang_seconds,
                                data=data, prompt_cache_mb=settings.prompt_cache_mb, log_level=settings.log_level)
     else:
-        engine = ThreadEngine(Runtime(settings.model, settings.device, settings.threads, data=data),
+        engine = ThreadEngine(Runtime(path, settings.device, settings.threads, data=data),
                               settings.max_batch, settings.max_delay_us, metrics=metrics,
                               prompt_cache_bytes=settings.prompt_cache_mb * MB)
     try:  # an engine process is running from here on: it must not outlive a failure
         charrnn = CharRNNService(engine, engine.provider, settings.max_chars, settings.state_key.encode(),
                                  settings.max_prompt_chars, version=version)
         inference = InferenceService(engine, settings.model_name, settings.max_batch, settings.max_prompt_chars,
-                                     sequences, settings.max_delay_us)
+                                     sequences, settings.max_delay_us, model_version)
     except BaseException:
         engine.stop("the model could not be set up")
         raise
-    return Model(engine, charrnn, inference)
+    return Model(engine, charrnn, inference, version=model_version)
 
 
 @dataclass(frozen=True)
@@ -86,21 +92,29 @@ class _Look:
     """What one look at the file found: `data` and `sha256` when it changed and was read whole."""
 
     id: FileId | None = None
+    path: str = ""
+    version: str = ""
     data: bytes = b""
     sha256: str = ""
     problem: str = ""  # why it could not be read
     settling: bool = False  # it changed while it was read
 
 
+Locate = Callable[[], tuple[str, str]]  # -> (the file to serve, its version); OSError when there is none
+
+
 class ModelWatcher:
     """Polls the model file and hands a new model, loaded and checked, to `activate` (given to start).
 
-    load(data) builds a Model off the loop (load_model); served() is the SHA-256 served now; seen: the
-    file's FileId from before the served bytes were read."""
+    locate() names the file to serve and its version (always --model's, or the repository's highest);
+    load(data, path, version) builds a Model off the loop (load_model); served() is the (SHA-256, version)
+    served now; seen: the file's FileId from before the served bytes were read. source names what is
+    watched in the log."""
 
-    def __init__(self, path: str, interval: float, load: Callable[[bytes], Model], served: Callable[[], str],
-                 metrics: Metrics, seen: FileId | None) -> None:
-        self.path = path
+    def __init__(self, source: str, locate: Locate, interval: float, load: Callable[[bytes, str, str], Model],
+                 served: Callable[[], tuple[str, str]], metrics: Metrics, seen: FileId | None) -> None:
+        self.path = source
+        self._locate = locate
         self.interval = interval
         self._load = load
         self._activate: Callable[[Model], None] = lambda model: None
@@ -162,14 +176,14 @@ class ModelWatcher:
                      self.interval)
             return "settling"
         self._missing, self._seen = False, look.id
-        if look.sha256 == self._served():
-            log.log(logging.INFO if forced else logging.DEBUG, "the model file %s holds the served model", self.path)
+        if (look.sha256, look.version) == self._served():
+            log.log(logging.INFO if forced else logging.DEBUG, "the model file %s holds the served model", look.path)
             return "unchanged"
         if look.sha256 == self._refused and not forced:
             return "unchanged"
-        log.info("the model file %s changed (sha256 %s...): loading it beside the served model", self.path,
-                 look.sha256[:12])
-        loading = loop.run_in_executor(None, self._load, look.data)
+        log.info("the model file %s (version %s) changed (sha256 %s...): loading it beside the served model",
+                 look.path, look.version, look.sha256[:12])
+        loading = loop.run_in_executor(None, self._load, look.data, look.path, look.version)
         try:
             model = await asyncio.shield(loading)
         except asyncio.CancelledError:  # the server is stopping: the new model must not outlive it
@@ -180,28 +194,34 @@ class ModelWatcher:
         except (ServeError, OSError) as error:
             self._refused = look.sha256
             return self._refuse(str(error))
-        old = self._served()
+        old, was = self._served()
         self._activate(model)
         self._refused = ""
         self._metrics.model_reloads.labels("ok").inc()
-        log.info("now serving the model file %s with sha256 %s... (was %s...)", self.path, look.sha256[:12], old[:12])
+        log.info("now serving the model file %s, version %s, sha256 %s... (was version %s, %s...)", look.path,
+                 look.version, look.sha256[:12], was, old[:12])
         return "ok"
 
     def _refuse(self, problem: str) -> str:
         self._metrics.model_reloads.labels("refused").inc()
-        log.error("model reload refused: %s; still serving sha256 %s...", problem, self._served()[:12])
+        sha, version = self._served()
+        log.error("model reload refused: %s; still serving version %s, sha256 %s...", problem, version, sha[:12])
         return "refused"
 
     def _look(self, forced: bool) -> _Look | None:
         """Off the loop: None when the file looks as it did, else what reading it found."""
         try:
-            before = file_id(self.path)
+            path, version = self._locate()
+        except OSError as error:
+            return _Look(problem=str(error))
+        try:
+            before = file_id(path)
             if before == self._seen and not forced:
                 return None
-            data = Path(self.path).read_bytes()
-            after = file_id(self.path)
+            data = Path(path).read_bytes()
+            after = file_id(path)
         except OSError as error:
-            return _Look(problem=f"{self.path}: cannot read model file: {error.strerror or error}")
+            return _Look(problem=f"{path}: cannot read model file: {error.strerror or error}")
         if after != before:
             return _Look(settling=True)
-        return _Look(before, data, hashlib.sha256(data).hexdigest())
+        return _Look(before, path, version, data, hashlib.sha256(data).hexdigest())

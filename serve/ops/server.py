@@ -49,11 +49,13 @@ from serve.engine.runtime import read_model
 from serve.errors import ConfigError, DeviceError, EngineFailure, EngineLost, ModelError
 from serve.ops.loops import loop_factory
 from serve.ops.metrics import Metrics
-from serve.ops.reload import ModelWatcher, file_id, load_model
+from serve.ops.reload import Locate, ModelWatcher, file_id, load_model
+from serve.ops.repository import locate
 from serve.ops.settings import Settings
 from serve.ops.version import project_version
 from serve.ops.workers import http_line
 from serve.process.proxy import MAX_RESTARTS
+from serve.service.inference import VERSION as MODEL_VERSION
 from serve.service.models import Model, ModelSlot
 from serve.service.sequences import Sequences
 
@@ -98,7 +100,7 @@ class Server:
         model = self.models.current
         self._watch(model)
         model.engine.start(asyncio.get_running_loop())
-        self.metrics.model_info.labels(model.sha256).set(1)
+        self.metrics.model_info.labels(model.sha256, model.version).set(1)
         await self.grpc.start()
         if self.http is not None:
             await self.http.start()
@@ -110,10 +112,10 @@ class Server:
         self._watch(model)
         model.engine.start(asyncio.get_running_loop())
         old = self.models.swap(model)
-        if old.sha256 != model.sha256:  # 0 first: with --workers the row lives on in a shared file
-            self.metrics.model_info.labels(old.sha256).set(0)
-            self.metrics.model_info.remove(old.sha256)
-        self.metrics.model_info.labels(model.sha256).set(1)
+        if (old.sha256, old.version) != (model.sha256, model.version):  # 0 first: with --workers the row
+            self.metrics.model_info.labels(old.sha256, old.version).set(0)  # lives on in a shared file
+            self.metrics.model_info.remove(old.sha256, old.version)
+        self.metrics.model_info.labels(model.sha256, model.version).set(1)
         if not self.gate.draining:  # the old engine may have been restarting: this one serves
             self._update_health(READINESS, SERVING)
 
@@ -247,20 +249,26 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
     credentials = _credentials(settings)
     version = project_version()  # before the engine starts: an image without CHANGELOG.md fails here
     metrics = Metrics()
+    locate = _locator(settings)
+    try:
+        path, model_version = locate()
+    except OSError as error:
+        raise ModelError("--model-repository", str(error)) from None
     try:  # stat first: a file replaced between the two is seen as changed at the first check
-        seen = file_id(settings.model)
+        seen = file_id(path)
     except OSError:
         seen = None
-    data = read_model(settings.model)  # the only read until a reload: an engine restart reuses these bytes
+    data = read_model(path)  # the only read until a reload: an engine restart reuses these bytes
     sequences = Sequences(None, settings.max_sequences, settings.sequence_idle_seconds)  # they outlive reloads
-    model = load_model(settings, data, metrics, sequences, version)
+    model = load_model(settings, data, metrics, sequences, version, path, model_version)
     engine, provider = model.engine, model.engine.provider
     _log_prompt_cache(settings, model)
     try:  # an engine process is running from here on: it must not outlive a failed start
         models = ModelSlot(model)
-        watcher = ModelWatcher(settings.model, settings.reload_interval,
-                               lambda data: load_model(settings, data, metrics, sequences, version),
-                               lambda: models.current.sha256, metrics, seen)
+        watcher = ModelWatcher(settings.source, locate, settings.reload_interval,
+                               lambda data, path, model_version: load_model(settings, data, metrics, sequences,
+                                                                            version, path, model_version),
+                               lambda: (models.current.sha256, models.current.version), metrics, seen)
         gate = Gate(settings.max_streams, metrics)
         server = grpc.aio.server(interceptors=chain(gate, metrics, settings.auth_token),
                                  options=[("grpc.so_reuseport", int(reuse_port)),
@@ -293,6 +301,13 @@ def create_server(settings: Settings, reuse_port: bool = False) -> tuple[Server,
                   metrics_port, http), port
 
 
+def _locator(settings: Settings) -> Locate:
+    """(file, version) to serve now: --model's file as version 1, or the repository's highest (or pinned)."""
+    if settings.model:
+        return lambda: (settings.model, MODEL_VERSION)
+    return lambda: locate(settings.model_repository, settings.model_name, settings.model_version)
+
+
 def _log_prompt_cache(settings: Settings, model: Model) -> None:
     """GetModelInfo has no field for it (a proto change for one number): the log says how big it is."""
     if not settings.prompt_cache_mb:
@@ -315,7 +330,7 @@ def on_signals(loop: asyncio.AbstractEventLoop, request: Callable[[], None]) -> 
 
 
 def print_ready(settings: Settings, address: str, provider: str) -> None:
-    print(f"charrnn serving {settings.model} on {address} ({provider})", flush=True)
+    print(f"charrnn serving {settings.source} on {address} ({provider})", flush=True)
 
 
 
@@ -374,6 +389,6 @@ def run(settings: Settings, reuse_port: bool = False,
         print(f"charrnn serve: {error}", file=sys.stderr, flush=True)
         return 1
     except (DeviceError, EngineFailure, OSError) as error:
-        print(f"charrnn serve: cannot serve {settings.model}: {error}", file=sys.stderr, flush=True)
+        print(f"charrnn serve: cannot serve {settings.source}: {error}", file=sys.stderr, flush=True)
         return 2
     return 0

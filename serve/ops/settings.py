@@ -21,7 +21,14 @@ PREFIX = "CHARRNN_"
 
 @dataclass(frozen=True)
 class Settings:
-    model: str = field(metadata={"help": "the exported .onnx file (the only thing the server reads)"})
+    model: str = field(default="", metadata={
+        "help": "the exported .onnx file (the only thing the server reads); or give --model-repository"})
+    model_repository: str = field(default="", metadata={
+        "help": "a model repository written by `python -m export RUN --repository REPO`: serve the highest version "
+                "REPO/NAME/N/model.onnx (NAME: --model-name) and switch when a higher one appears or the highest is "
+                "rolled back (checked every --reload-interval); instead of --model"})
+    model_version: int = field(default=0, metadata={
+        "help": "with --model-repository: serve this version only (0 = the highest)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind; containers use 0.0.0.0"})
     port: int = field(default=0, metadata={"help": "port to bind (0-65535); 0 picks a free one (printed when ready)"})
     http_port: int = field(default=0, metadata={
@@ -79,7 +86,8 @@ class Settings:
     tls_client_ca: str = field(default="", metadata={
         "help": "PEM CA bundle: require client certificates signed by it (mutual TLS)"})
     model_name: str = field(default="charrnn", metadata={
-        "help": "the model's name on inference.GRPCInferenceService (KServe v2 / Triton clients); its version is 1"})
+        "help": "the model's name on inference.GRPCInferenceService (KServe v2 / Triton clients) and in "
+                "--model-repository; its version is the served version's number (1 with --model)"})
     sequence_idle_seconds: float = field(default=60.0, metadata={
         "help": "a KServe sequence (sequence_id) with no request for this long is freed; its next request "
                 "without sequence_start is refused"})
@@ -94,6 +102,11 @@ class Settings:
         "help": "require metadata 'authorization: Bearer <token>' on every CharRNN and KServe call, and the header "
                 "'Authorization: Bearer <token>' on every HTTP API call (health and KServe's probes stay open); set "
                 "it through the environment: a flag shows in the process list"})
+
+    @property
+    def source(self) -> str:
+        """What the server serves from, as the ready line and errors name it."""
+        return self.model or f"{self.model_repository.rstrip('/')}/{self.model_name}"
 
     @property
     def address_host(self) -> str:
@@ -144,8 +157,6 @@ def parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
             kwargs["type"] = _number(f.name, int if f.type == "int" else float)
         if environ.get(env, ""):
             kwargs["default"] = _from_environment(p, env, environ[env], kwargs.get("type", str), kwargs.get("choices"))
-        elif f.name == "model":
-            kwargs["required"] = True
         else:
             kwargs["default"] = f.default
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
@@ -169,4 +180,11 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     settings = Settings(**vars(p.parse_args(argv)))
     if not settings.model_name.strip():
         p.error("--model-name must not be empty: KServe clients name the model in every request")
+    if bool(settings.model) == bool(settings.model_repository):
+        p.error("give exactly one of --model FILE and --model-repository REPO (or CHARRNN_MODEL, "
+                "CHARRNN_MODEL_REPOSITORY)")
+    if settings.model_version and not settings.model_repository:
+        p.error("--model-version pins a version of --model-repository")
+    if settings.model_repository and "/" in settings.model_name.strip("/"):
+        p.error("--model-name is a folder of --model-repository: no '/' in it")
     return settings

@@ -204,7 +204,7 @@ def _supervise(settings: Settings, port: int, stop: _Stop, endpoint: SharedEndpo
             child.join()
         return max(2, *(c.exitcode or 0 for c in children))
     if provider is not None:
-        print(f"charrnn serving {settings.model} on {settings.address_host}:{port} ({provider}, {settings.workers} "
+        print(f"charrnn serving {settings.source} on {settings.address_host}:{port} ({provider}, {settings.workers} "
               f"worker processes)", flush=True)
         if settings.http_port >= 0:
             print(http_line(settings, settings.http_port), flush=True)

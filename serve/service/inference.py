@@ -29,7 +29,7 @@ DATATYPES: dict[str, np.dtype] = {
     "UINT64": np.dtype("<u8"), "INT8": np.dtype("<i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"),
     "INT64": np.dtype("<i8"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
 }
-VERSION = "1"  # the one version of the one model, as in the Triton repository export writes
+VERSION = "1"  # --model's one version, as in the Triton repository export writes; a repository's is its number
 PLATFORM = "onnxruntime_onnx"
 IDS, STATE_IN = "input_ids", "state_in"
 LOGITS, STATE_OUT = "logits", "state_out"
@@ -85,11 +85,12 @@ class InferRequest:
 
 
 class InferenceService:
-    """KServe v2 for the one loaded model, named `model_name`, version 1."""
+    """KServe v2 for the one loaded model, named `model_name`, at `version` (the served one; 1 for --model)."""
 
     def __init__(self, engine: Engine, model_name: str, max_batch: int, max_ids: int, sequences: Sequences,
-                 max_delay_us: int) -> None:
+                 max_delay_us: int, version: str = VERSION) -> None:
         self.engine = engine
+        self.version = version
         self.spec = engine.spec
         self.model_name = model_name
         self.max_batch = max_batch
@@ -117,12 +118,13 @@ class InferenceService:
         """NotFound unless NAME (and VERSION, when given) is the model this server holds."""
         if name != self.model_name:
             raise NotFound(f"unknown model {name!r}: this server serves {self.model_name!r} (--model-name)")
-        if version not in ("", VERSION):
-            raise NotFound(f"unknown version {version!r} of model {name!r}: the only version is {VERSION!r}")
+        if version not in ("", self.version):
+            raise NotFound(f"unknown version {version!r} of model {name!r}: this server serves version "
+                           f"{self.version!r}")
 
     def metadata(self, name: str, version: str = "") -> ModelMetadata:
         self.check_model(name, version)
-        return ModelMetadata(self.model_name, (VERSION,), PLATFORM, self.inputs, self.outputs)
+        return ModelMetadata(self.model_name, (self.version,), PLATFORM, self.inputs, self.outputs)
 
     def config(self, name: str, version: str = "") -> TritonConfig:
         self.check_model(name, version)

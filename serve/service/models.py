@@ -34,6 +34,7 @@ class Model:
     inference: InferenceService
     users: int = 0
     retired: bool = False
+    version: str = "1"  # the repository version it came from (--model: "1")
 
     @property
     def sha256(self) -> str:

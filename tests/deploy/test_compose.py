@@ -42,9 +42,10 @@ def test_one_named_volume_carries_artifacts_and_serve_reads_it_only():
         assert [(m["source"], m["target"]) for m in named[name]] == [("artifacts", "/artifacts")], name
     assert not named["train"][0]["read_only"] and not named["export"][0]["read_only"]
     assert named["serve"][0]["read_only"] and named["serve-replica"][0]["read_only"]
-    assert "/artifacts" in " ".join(services["train"]["command"])
-    assert services["export"]["command"][-1] == "/artifacts"
-    assert services["serve"]["environment"]["CHARRNN_MODEL"] == "/artifacts/model.onnx"
+    assert "--runs=/artifacts/runs" in services["train"]["command"]
+    assert services["export"]["command"][3:5] == ["/artifacts/runs/latest", "--repository=/artifacts/models"]
+    assert services["serve"]["environment"]["CHARRNN_MODEL_REPOSITORY"] == "/artifacts/models"
+    assert "CHARRNN_MODEL" not in services["serve"]["environment"], "exactly one of the two"
 
 
 def test_train_settings_come_from_the_environment():
@@ -65,7 +66,7 @@ def test_every_train_flag_exists_in_the_cli():
 
     command = load()["services"]["train"]["command"]
     args = parser().parse_args(command[3:])  # after `python -m train`: argparse rejects unknown flags
-    assert str(args.out) == "/artifacts" and args.time_budget == 180
+    assert str(args.runs) == "/artifacts/runs" and args.time_budget == 180 and args.run_tag == ""
 
 
 def test_serve_healthcheck_is_the_grpc_health_command():
@@ -106,7 +107,7 @@ def test_gpu_override_reserves_an_nvidia_gpu_and_uses_gpu_images():
         assert services[name]["build"]["dockerfile"] == "docker/serve-gpu.Dockerfile"
         assert services[name]["build"]["context"] == "."  # merged from the base file
         assert services[name]["environment"]["CHARRNN_DEVICE"] == "cuda"
-        assert services[name]["environment"]["CHARRNN_MODEL"] == "/artifacts/model.onnx"
+        assert services[name]["environment"]["CHARRNN_MODEL_REPOSITORY"] == "/artifacts/models"
     assert services["train"]["build"]["args"]["TORCH_INDEX"] == ""  # PyPI's CUDA torch
     assert services["serve-replica"]["deploy"]["replicas"] == "2"
     # The layering changes images and devices, never the stage graph.

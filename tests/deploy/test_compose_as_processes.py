@@ -115,8 +115,11 @@ def test_compose_up_as_local_processes(tmp_path):
             assert f"127.0.0.1:{port}" in ready, ready
 
         artifacts = tmp_path / "volumes" / "artifacts"
-        assert sorted(p.name for p in artifacts.iterdir()) == ["checkpoint.pt", "last.pt", "loss.png", "metrics.jsonl",
-                                                               "model.onnx"]
+        assert sorted(p.name for p in artifacts.iterdir()) == ["models", "runs"]
+        [run] = [p for p in (artifacts / "runs").iterdir() if p.name != "latest"]
+        assert (artifacts / "runs" / "latest").resolve() == run.resolve()
+        assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "last.pt", "loss.png", "metrics.jsonl"]
+        assert sorted(p.name for p in (artifacts / "models" / "charrnn").iterdir()) == ["1"]
         client = subprocess.run([sys.executable, "-m", "serve.client", "info", "--target", f"127.0.0.1:{port}"],
                                 cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=60)
         assert client.returncode == 0, client.stderr

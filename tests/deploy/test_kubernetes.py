@@ -120,7 +120,7 @@ def test_the_trainer_accepts_the_jobs_command():
         parser().parse_args([a for a in command[3:] if not a.startswith("--resume")])
         pytest.skip("this trainer has no --resume yet (it comes with issue 11); the rest of the command parses")
     args = parser().parse_args(command[3:])
-    assert (str(args.out), args.resume) == ("/artifacts", "auto")
+    assert (str(args.runs), args.resume) == ("/artifacts/runs", "auto")
 
 
 def test_the_volume_is_read_write_many():
@@ -138,7 +138,8 @@ def test_serving_pods_agree_with_compose_and_the_dockerfile(overlay):
     spec = pod(overlay, "Deployment", "charrnn-serve")
     serve = container(spec, "serve")
     variables = env(serve)
-    for name in ("CHARRNN_MODEL", "CHARRNN_HOST", "CHARRNN_PORT", "CHARRNN_HTTP_PORT", "CHARRNN_METRICS_PORT"):
+    for name in ("CHARRNN_MODEL_REPOSITORY", "CHARRNN_HOST", "CHARRNN_PORT", "CHARRNN_HTTP_PORT",
+                 "CHARRNN_METRICS_PORT"):
         assert variables[name] == compose["environment"][name], name
     assert serve["command"] == compose["command"]
     port = int(variables["CHARRNN_PORT"])
@@ -164,9 +165,10 @@ def test_serving_pods_agree_with_compose_and_the_dockerfile(overlay):
     pause = serve["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert spec["terminationGracePeriodSeconds"] > pause + grace
     assert float(compose["stop_grace_period"].rstrip("s")) > grace
-    # Pods created before the Job has exported wait for the file the server will load.
+    # Pods created before the Job has published a version wait for one in the repository the server reads.
     wait = container(spec, "wait-for-model", "initContainers")
-    assert wait["image"] == serve["image"] and f'"{variables["CHARRNN_MODEL"]}"' in wait["command"][-1]
+    assert wait["image"] == serve["image"]
+    assert f'"{variables["CHARRNN_MODEL_REPOSITORY"]}/charrnn/[0-9]*/model.onnx"' in wait["command"][-1]
     # The volume read-only, twice over (the claim and the mount).
     [artifacts] = [m for m in serve["volumeMounts"] if m["mountPath"] == "/artifacts"]
     assert artifacts["readOnly"] is True

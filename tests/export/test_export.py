@@ -55,6 +55,15 @@ def test_metadata(text_runs, cell):
     assert float(meta["val_loss"]) == pytest.approx(ckpt["summary"]["best_val_loss"], abs=1e-6)
     assert float(meta["val_loss_windowed"]) == pytest.approx(ckpt["summary"]["best_val_loss_windowed"], abs=1e-6)
     assert meta["torch_version"].startswith("2.13") and meta["exported_at"].endswith("+00:00")
+    assert meta["exported_at"] == ckpt["summary"]["ended_at"], "when training saved the weights, not the clock"
+
+
+def test_the_same_checkpoint_exports_the_same_bytes(text_runs, tmp_path):
+    """Reproducible export: a re-export of unchanged weights changes nothing, so no server reloads."""
+    run = text_runs["gru"]
+    again = tmp_path / "again.onnx"
+    run_stage("export", str(run), "--out", str(again))
+    assert again.read_bytes() == (run / "model.onnx").read_bytes()
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -239,6 +248,11 @@ def test_a_version_1_checkpoint_still_exports(text_runs, tmp_path):
     run_stage("export", str(run))
     meta = {p.key: p.value for p in onnx.load(str(run / "model.onnx")).metadata_props}
     assert meta["val_loss_windowed"] == "" and float(meta["val_loss"]) > 0
+    # no ended_at in the summary: the checkpoint file's time, fixed for the file, so re-exports stay the same
+    assert meta["exported_at"].endswith("+00:00")
+    before = (run / "model.onnx").read_bytes()
+    run_stage("export", str(run))
+    assert (run / "model.onnx").read_bytes() == before
     # the same weights as the version 3 file they came from: the ONNX outputs are identical
     ids = np.array([[1, 2, 3, 4]], dtype=np.int64)
     zero = np.zeros((1, 2, 32), dtype=np.float32)

@@ -25,8 +25,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from live import LiveServer
-from support import ROOT
+from support import ROOT, run_stage
 
+from export import repository
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 from serve.api.pb.inference import grpc_service_pb2 as kpb
 from serve.api.pb.inference import grpc_service_pb2_grpc as kgrpc
@@ -67,7 +68,8 @@ def metrics(port: int) -> str:
 
 def served_shas(port: int) -> list[str]:
     """The SHA-256 of each model_info row at 1 (one row per server; with --workers one per worker)."""
-    return sorted(re.findall(r'^charrnn_model_info\{(?:pid="\d+",)?sha256="([0-9a-f]{64})"\} 1\.0$', metrics(port),
+    return sorted(re.findall(r'^charrnn_model_info\{(?:pid="\d+",)?sha256="([0-9a-f]{64})",version="\d+"\} 1\.0$',
+                             metrics(port),
                              re.M))
 
 
@@ -194,6 +196,78 @@ def test_an_unchanged_file_touched_is_not_reloaded(live, models):
     time.sleep(10 * INTERVAL)
     port = live.server.metrics_port
     assert (reloads(port, "ok"), reloads(port, "refused")) == (0, 0)
+
+
+def test_exporting_the_same_checkpoint_again_does_not_reload(live, models, text_runs):
+    """Reproducible export (issue 22): the same checkpoint exported over the served file gives the same
+    bytes, so the server sees a new inode and times but the served SHA-256, and loads nothing."""
+    path, a, _ = models
+    before = path.read_bytes()
+    run_stage("export", str(text_runs["gru"]), "--out", str(path))
+    assert path.read_bytes() == before
+    time.sleep(10 * INTERVAL)
+    port = live.server.metrics_port
+    assert (reloads(port, "ok"), reloads(port, "refused")) == (0, 0)
+    assert sha(live) == sha256_of(a)
+
+
+def test_a_repository_serves_its_highest_version_and_follows_a_new_one_and_a_rollback(models, tmp_path):
+    """--model-repository (issue 22): version 1 is A; export publishes B as version 2 and every surface says
+    version 2 serves; a rollback retires 2 and the server is back on 1, no restart; B's Step state is refused
+    with the another-model status."""
+    _, a, b = models
+    folder = tmp_path / "models" / "charrnn"
+    assert repository.publish(folder, a.read_bytes(), {}).version == 1
+    live = LiveServer(Settings(model_repository=str(tmp_path / "models"), device="cpu", reload_interval=INTERVAL,
+                               metrics_port=0))
+    kserve = kgrpc.GRPCInferenceServiceStub(live.channel)
+    try:
+        info = live.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+        assert (info.model_sha256, info.model_version) == (sha256_of(a), "1")
+        assert repository.publish(folder, b.read_bytes(), {}).version == 2
+        wait_for(lambda: live.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).model_version == "2",
+                 "the server switches to version 2")
+        assert sha(live) == sha256_of(b)
+        assert list(kserve.ModelMetadata(kpb.ModelMetadataRequest(name="charrnn"), timeout=10).versions) == ["2"]
+        assert kserve.ModelReady(kpb.ModelReadyRequest(name="charrnn", version="2"), timeout=10).ready
+        with pytest.raises(grpc.RpcError) as old:
+            kserve.ModelReady(kpb.ModelReadyRequest(name="charrnn", version="1"), timeout=10)
+        assert old.value.code() is grpc.StatusCode.NOT_FOUND
+        vocab = list(live.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).vocab)
+        request = kpb.ModelInferRequest(model_name="charrnn", model_version="2", inputs=[
+            kpb.ModelInferRequest.InferInputTensor(name="input_ids", datatype="INT64", shape=[1, 1],
+                                                   contents=kpb.InferTensorContents(int64_contents=[0]))])
+        assert kserve.ModelInfer(request, timeout=20).model_version == "2"
+        assert re.search(rf'charrnn_model_info\{{sha256="{sha256_of(b)}",version="2"\}} 1\.0',
+                         metrics(live.server.metrics_port))
+        with urllib.request.urlopen(f"{live.http_url}/v1/models", timeout=10) as response:
+            assert b'"version":"2"' in response.read().replace(b" ", b"")
+        state = live.stub.Step(pb.StepRequest(text=vocab[0]), timeout=10).state
+
+        assert repository.rollback(folder) == (2, 1)
+        seconds = wait_for(lambda: sha(live) == sha256_of(a), "the server is back on version 1")
+        print(f"rollback -> serving version 1: {seconds:.2f} s (interval {INTERVAL} s)")
+        assert live.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).model_version == "1"
+        with pytest.raises(grpc.RpcError) as refused:
+            live.stub.Step(pb.StepRequest(state=state, text="i"), timeout=10)
+        assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert (reloads(live.server.metrics_port, "ok"), reloads(live.server.metrics_port, "refused")) == (2, 0)
+    finally:
+        live.close()
+
+
+def test_the_model_and_repository_settings():
+    assert parse(["--model-repository", "r"], {}).source == "r/charrnn"
+    assert parse([], {"CHARRNN_MODEL_REPOSITORY": "r", "CHARRNN_MODEL_VERSION": "3"}).model_version == 3
+    for argv in ([], ["--model", "m", "--model-repository", "r"], ["--model", "m", "--model-version", "2"]):
+        with pytest.raises(SystemExit):
+            parse(argv, {})
+
+
+def test_a_repository_without_a_version_refuses_to_start(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "serve", "--model-repository", str(tmp_path), "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "no model repository folder" in proc.stderr
 
 
 class Workers:

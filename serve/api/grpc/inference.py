@@ -20,7 +20,6 @@ from serve.api.pb.inference import grpc_service_pb2 as pb
 from serve.api.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from serve.api.status import status_of
 from serve.api.triton_config import model_config
-from serve.service.inference import VERSION as MODEL_VERSION
 from serve.service.inference import (
     InferenceService,
     InferRequest,
@@ -87,7 +86,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs = await service.infer(InferRequest(
                 request.model_name, request.model_version, inputs_of(request),
                 tuple(dict.fromkeys(o.name for o in request.outputs)), sequence_of(request.parameters)))
-        return response_of(request, service.model_name, MODEL_VERSION, outputs)
+        return response_of(request, service.model_name, service.version, outputs)
 
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: Context) -> pb.ModelInferResponse:

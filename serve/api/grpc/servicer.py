@@ -71,10 +71,12 @@ class CharRNNServicer(pb_grpc.CharRNNServicer):
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,
                            context: Context) -> pb.ModelInfo:
-        info = self.models.current.charrnn.info()
+        model = self.models.current
+        info = model.charrnn.info()
         spec = info.spec
         return pb.ModelInfo(vocab=spec.vocab, cell=spec.cell, num_layers=spec.num_layers,
                             hidden_size=spec.hidden_size, state_size=spec.state_size,
                             execution_provider=info.execution_provider, model_sha256=spec.sha256,
                             max_chars=info.max_chars, project_version=info.project_version,
+                            model_version=model.version,
                             **{k: spec.provenance.get(k, "") for k in PROVENANCE})

@@ -33,7 +33,7 @@ from serve.api.http.calls import HttpCall, Reply
 from serve.api.http.openai_protocol import parse_json
 from serve.api.triton_config import model_config
 from serve.errors import InvalidArgument
-from serve.service.inference import DATATYPES, VERSION, InferenceService, InferRequest, Tensor
+from serve.service.inference import DATATYPES, InferenceService, InferRequest, Tensor
 from serve.service.models import ModelSlot
 from serve.service.sequences import SequenceControl
 
@@ -247,7 +247,7 @@ class KServeRest:
             control = sequence_of(_parameters("the request", header))
             tensors = inputs_of(header, binary)
             results = await service.infer(InferRequest(name, version, tensors, outputs, control))
-        body: dict[str, Any] = {"model_name": service.model_name, "model_version": VERSION, "outputs": []}
+        body: dict[str, Any] = {"model_name": service.model_name, "model_version": service.version, "outputs": []}
         if request_id:
             body["id"] = request_id
         blobs = []

@@ -51,7 +51,8 @@ class OpenAIServing:
 
     async def models_list(self, request: Request, call: HttpCall, reply: Reply) -> None:
         await reply.respond(JSONResponse({"object": "list", "data": [
-            {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "charrnn"}]}))
+            {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "charrnn",
+             "version": self.models.current.version}]}))  # an extra field: which repository version serves
 
     async def chat(self, request: Request, call: HttpCall, reply: Reply) -> None:
         raise NotFound(f"this server has no chat completions: {self.model_name!r} is a character-level model that "

@@ -101,7 +101,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("vocab", "cell", "num_layers", "hidden_size", "state_size", "execution_provider", "model_sha256", "corpus", "steps", "val_loss", "torch_version", "exported_at", "producer", "max_chars", "project_version")
+    __slots__ = ("vocab", "cell", "num_layers", "hidden_size", "state_size", "execution_provider", "model_sha256", "corpus", "steps", "val_loss", "torch_version", "exported_at", "producer", "max_chars", "project_version", "model_version")
     VOCAB_FIELD_NUMBER: _ClassVar[int]
     CELL_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,7 @@ class ModelInfo(_message.Message):
     PRODUCER_FIELD_NUMBER: _ClassVar[int]
     MAX_CHARS_FIELD_NUMBER: _ClassVar[int]
     PROJECT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     vocab: _containers.RepeatedScalarFieldContainer[str]
     cell: str
     num_layers: int
@@ -132,4 +133,5 @@ class ModelInfo(_message.Message):
     producer: str
     max_chars: int
     project_version: str
-    def __init__(self, vocab: _Optional[_Iterable[str]] = ..., cell: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., state_size: _Optional[int] = ..., execution_provider: _Optional[str] = ..., model_sha256: _Optional[str] = ..., corpus: _Optional[str] = ..., steps: _Optional[str] = ..., val_loss: _Optional[str] = ..., torch_version: _Optional[str] = ..., exported_at: _Optional[str] = ..., producer: _Optional[str] = ..., max_chars: _Optional[int] = ..., project_version: _Optional[str] = ...) -> None: ...
+    model_version: str
+    def __init__(self, vocab: _Optional[_Iterable[str]] = ..., cell: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., state_size: _Optional[int] = ..., execution_provider: _Optional[str] = ..., model_sha256: _Optional[str] = ..., corpus: _Optional[str] = ..., steps: _Optional[str] = ..., val_loss: _Optional[str] = ..., torch_version: _Optional[str] = ..., exported_at: _Optional[str] = ..., producer: _Optional[str] = ..., max_chars: _Optional[int] = ..., project_version: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
