@@ -102,10 +102,14 @@ def export(run_dir: Path, out: Path | None = None, triton_repo: Path | None = No
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # config or weights do not fit together
         print(f"export: error: {run_dir}: checkpoint does not rebuild a model ({exc})", file=sys.stderr)
         return 2
+    # What a failure leaves alone, in the words the user's flags call it.
+    untouched = ", ".join([*([f"{out} not written"] if out is not None else []),
+                           *([f"nothing published into {repository}"] if repository is not None else [])])
+    untouched = untouched or "nothing written"
     try:
         proto = to_onnx(model, ckpt["vocab"], provenance_of(ckpt["summary"], ended_at(ckpt, run_dir)))
     except ExportError as exc:
-        print(f"export: error: {run_dir}: the exporter failed ({exc}); nothing written", file=sys.stderr)
+        print(f"export: error: {run_dir}: the exporter failed ({exc}); {untouched}", file=sys.stderr)
         return 1
     report = verify(proto, model)
     cfg = model.config
@@ -113,7 +117,7 @@ def export(run_dir: Path, out: Path | None = None, triton_repo: Path | None = No
           f"state [batch, {cfg.num_layers}, {cfg.state_size}]")
     print("\n".join(report.lines()))
     if not report.ok:
-        print("export: FAILED, nothing written", file=sys.stderr)
+        print(f"export: FAILED, {untouched}", file=sys.stderr)
         return 1
     data = proto.SerializeToString()  # one self-contained file: no external data beside it
     if out is not None:
