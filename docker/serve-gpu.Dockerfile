@@ -37,7 +37,7 @@ COPY serve/ serve/
 COPY CHANGELOG.md ./
 
 USER 10001:10001
-ENV CHARRNN_MODEL=/artifacts/model.onnx \
+ENV CHARRNN_MODEL_REPOSITORY=/artifacts/models \
     CHARRNN_HOST=0.0.0.0 \
     CHARRNN_PORT=50051 \
     CHARRNN_HTTP_PORT=8080 \

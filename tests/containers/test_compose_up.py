@@ -14,6 +14,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -139,9 +140,8 @@ def test_raw_grpc_stub_and_the_model_file_in_the_volume(deployment):
         again = stub.Step(pb.StepRequest(state=reply.state, text=reply.next), timeout=10)
         assert again.state != reply.state
         sha = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).model_sha256
-    in_volume = deployment.exec("serve", "python", "-c",
-                                   "import hashlib; print(hashlib.sha256(open('/artifacts/model.onnx', 'rb')"
-                                   ".read()).hexdigest())").stdout.strip()
+    in_volume = deployment.exec("serve", "python", "-c", "import hashlib; print(hashlib.sha256(open("
+                                "'/artifacts/models/charrnn/1/model.onnx', 'rb').read()).hexdigest())").stdout.strip()
     assert sha == in_volume, "the server serves the file export wrote to the volume"
 
 
@@ -162,7 +162,7 @@ def test_containers_run_as_the_non_root_user_and_serve_mounts_the_volume_read_on
     for one_shot in ("train", "export"):
         [name] = deployment.containers(one_shot)
         assert docker.inspect(name)["Config"]["User"] == f"{UID}:{UID}", one_shot
-    owner = deployment.exec("serve", "stat", "-c", "%u", "/artifacts/model.onnx").stdout
+    owner = deployment.exec("serve", "stat", "-c", "%u", "/artifacts/models/charrnn/1/model.onnx").stdout
     assert owner.strip() == UID, "export wrote the model as the non-root user"
     [serve] = deployment.containers("serve")
     artifacts = [m for m in docker.inspect(serve)["Mounts"] if m["Destination"] == "/artifacts"]
@@ -182,7 +182,7 @@ def test_the_images_run_under_the_kubernetes_security_context(deployment, docker
         # A fresh named volume takes the image's /artifacts (owned by the user), as fsGroup makes a PVC.
         docker.run("run", "--rm", *restricted, "--volume", f"{name}:/artifacts", f"charrnn-train:{images.tag}",
                    "sh", "-c", "python -m train --out /artifacts --corpus default --cell rnn --layers 1 --hidden 8 "
-                   "--time-budget 1 && python -m export /artifacts", timeout=180)
+                   "--time-budget 1 && python -m export /artifacts --repository /artifacts/models", timeout=180)
         docker.run("run", "--detach", "--name", name, *restricted, "--volume", f"{name}:/artifacts:ro",
                    f"charrnn-serve:{images.tag}")
         deadline = time.monotonic() + 90
@@ -263,42 +263,97 @@ RELOAD_INTERVAL = 10.0  # the server's default --reload-interval, which the comp
 LOAD_BOUND = 30.0  # seconds for a server to load, check and switch to the new file on a busy machine
 
 
-def served_sha(docker, container: str) -> str:
-    """The model SHA-256 one server answers with, asked from inside its container (the replicas are
-    reachable from the host only through the balancer)."""
+def served(docker, container: str) -> tuple[str, str]:
+    """(model SHA-256, version) one server answers with, asked from inside its container."""
     out = docker.run("exec", container, "python", "-m", "serve.client", "info", "--target", "127.0.0.1:50051",
                      "--timeout", "10", check=False)
-    return json.loads(out.stdout)["model_sha256"] if out.returncode == 0 else f"(no answer: {out.stderr[-200:]})"
+    if out.returncode != 0:
+        return f"(no answer: {out.stderr[-200:]})", ""
+    info = json.loads(out.stdout)
+    return info["model_sha256"], info.get("model_version", "")
 
 
-def test_a_new_model_rolls_out_as_the_docs_say(scaled, docker, say):
-    """docs/deployment.md: train and export again, and every server switches to the new file by itself
-    (it checks the file every CHARRNN_RELOAD_INTERVAL seconds) within an interval and a load: no
-    restart, and from then on one model answers behind the balancer."""
+def versions(deployment) -> list[str]:
+    """The published versions in the volume's repository, oldest first."""
+    out = deployment.exec("serve", "ls", "/artifacts/models/charrnn").stdout.split()
+    return sorted((v for v in out if v.isdigit()), key=int)
+
+
+def running_servers(deployment, docker) -> list[str]:
+    return [name for name in (*deployment.containers("serve"), *deployment.containers("serve-replica"))
+            if docker.inspect(name)["State"]["Running"]]
+
+
+def all_on(docker, servers: list[str], version: str, since: float) -> float:
+    """Waits until every server answers with `version`; the seconds since `since` it took."""
+    bound = RELOAD_INTERVAL + LOAD_BOUND
+    while {served(docker, name)[1] for name in servers} != {version}:
+        assert time.monotonic() - since < bound, {name: served(docker, name) for name in servers}
+        time.sleep(0.5)
+    return time.monotonic() - since
+
+
+def test_the_model_lifecycle_as_the_docs_say(scaled, docker, say):
+    """docs/deployment.md, "Model lifecycle": (a) train and export again unchanged: no new version, no
+    reload; (b) another model (CHARRNN_HIDDEN) while a client streams through the balancer: the stream
+    finishes, every server switches to the new version by itself, no restart; (c) roll back: every server
+    back on the previous version."""
     deployment = scaled
-    lb = deployment.address("lb", 50051)
-    [before] = model_shas(lb)
-    servers = [name for name in (*deployment.containers("serve"), *deployment.containers("serve-replica"))
-               if docker.inspect(name)["State"]["Running"]]
+    servers = running_servers(deployment, docker)
     started = {name: docker.inspect(name)["State"]["StartedAt"] for name in servers}
+    [first] = versions(deployment)
+    before = {served(docker, name) for name in servers}
+    assert len(before) == 1 and next(iter(before))[1] == first
+
+    # (a) unchanged: nothing trains, nothing is published, nothing reloads
     proc = deployment.compose("up", "--no-build", "train", "export", timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr + deployment.logs("train", "export")
+    assert versions(deployment) == [first]
+    time.sleep(RELOAD_INTERVAL + 1)
+    assert {served(docker, name) for name in servers} == before
+    assert not any("now serving" in docker.run("logs", name).stderr for name in servers)
+
+    # (b) another model, while a stream runs through the balancer
+    lb = deployment.address("lb", 50051)
+    results: list[object] = []
+
+    def stream() -> None:
+        try:
+            with grpc.insecure_channel(lb) as channel:
+                chunks = pb_grpc.CharRNNStub(channel).Generate(
+                    pb.GenerateRequest(prompt="The ", max_chars=100_000, seed=1), timeout=240)
+                results.append(sum(1 for _ in chunks))
+        except grpc.RpcError as error:
+            results.append(error)
+    reader = threading.Thread(target=stream)
+    reader.start()
+    deployment.env["CHARRNN_HIDDEN"] = "12"
+    try:
+        proc = deployment.compose("up", "--no-build", "train", "export", timeout=300, check=False)
+    finally:
+        deployment.env["CHARRNN_HIDDEN"] = SETTINGS["CHARRNN_HIDDEN"]
+    assert proc.returncode == 0, proc.stderr + deployment.logs("train", "export")
     exported = time.monotonic()
-    new = deployment.exec("serve", "python", "-c", "import hashlib; print(hashlib.sha256(open("
-                          "'/artifacts/model.onnx', 'rb').read()).hexdigest())").stdout.strip()
-    assert new != before, "training again made another model"
-    bound = RELOAD_INTERVAL + LOAD_BOUND
-    while {served_sha(docker, name) for name in servers} != {new}:
-        assert time.monotonic() - exported < bound, (
-            {name: served_sha(docker, name) for name in servers}, deployment.logs("serve", "serve-replica"))
-        time.sleep(0.5)
-    seconds = time.monotonic() - exported
-    assert model_shas(lb) == {new}, "one model behind the balancer"
+    [_, second] = versions(deployment)
+    seconds = all_on(docker, servers, second, exported)
+    reader.join(timeout=240)
+    assert results == [100_000], results  # the stream in flight finished on the model it started on
     assert {name: docker.inspect(name)["State"]["StartedAt"] for name in servers} == started, "no restarts"
-    assert all("now serving the model file /artifacts/model.onnx" in docker.run("logs", name).stderr
-               for name in servers)
-    say(f"new model rolled out (train and export again, no restart): all {len(servers)} servers on it "
-        f"{seconds:.1f} s after export finished (reload interval {RELOAD_INTERVAL:g} s)")
+    assert model_shas(lb) == {served(docker, servers[0])[0]}, "one model behind the balancer"
+    say(f"new model (CHARRNN_HIDDEN 8 -> 12) published as version {second} while a 100000-character stream ran: "
+        f"all {len(servers)} servers on it {seconds:.1f} s after export finished (reload interval "
+        f"{RELOAD_INTERVAL:g} s), no restart")
+
+    # (c) roll back
+    proc = deployment.compose("run", "--rm", "--no-deps", "export", "python", "-m", "export", "--repository",
+                              "/artifacts/models", "--rollback", timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rolled = time.monotonic()
+    assert versions(deployment) == [first]
+    seconds = all_on(docker, servers, first, rolled)
+    assert {served(docker, name) for name in servers} == before
+    assert {name: docker.inspect(name)["State"]["StartedAt"] for name in servers} == started, "no restarts"
+    say(f"rolled back to version {first}: all {len(servers)} servers on it {seconds:.1f} s after the rollback")
 
 
 def test_down_v_leaves_nothing(deployment, docker, say):
