@@ -10,6 +10,17 @@ import numpy as np
 import onnxruntime as ort
 
 
+def random_inputs(reference: Reference) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded ids and states for the explicit-state comparisons: one row of 9 ids, and a batch of 4 x 6."""
+    rng = np.random.default_rng(5)
+    vocab = len(reference.vocab)
+    ids = rng.integers(0, vocab, size=(1, 9))
+    state = rng.normal(size=(1, *reference.state_shape)).astype(np.float32)
+    batch_ids = rng.integers(0, vocab, size=(4, 6))
+    batch_state = rng.normal(size=(4, *reference.state_shape)).astype(np.float32)
+    return ids, state, batch_ids, batch_state
+
+
 class Reference:
     """onnxruntime on the model file itself: what every ModelInfer must agree with."""
 

@@ -52,6 +52,11 @@ class Gate:
             self._idle = asyncio.Event()
         await self._idle.wait()
 
+    def ready(self, engine_ready: bool) -> bool:
+        """KServe's readiness on either binding (ServerReady, ModelReady, /v2/health/ready): the model's
+        engine takes work and the server is not draining."""
+        return engine_ready and not self.draining
+
     def abort_all(self, reason: str) -> None:
         """Cancels every call in flight; the Outcome interceptor ends each with UNAVAILABLE and this reason."""
         self.abort_reason = reason

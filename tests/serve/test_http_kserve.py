@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from google.protobuf import json_format
-from kserve_reference import Reference, _argmax, _array
+from kserve_reference import Reference, _argmax, _array, random_inputs
 from live import LiveServer, post
 from tritonenv import run_tritonside
 
@@ -53,12 +53,7 @@ def test_tritonclient_http_probes_and_metadata_match_grpc(hihell_server):
 
 
 def test_explicit_state_matches_onnxruntime_binary_and_json(text_server, text):
-    rng = np.random.default_rng(5)
-    vocab = len(text.vocab)
-    ids = rng.integers(0, vocab, size=(1, 9))
-    state = rng.normal(size=(1, *text.state_shape)).astype(np.float32)
-    batch_ids = rng.integers(0, vocab, size=(4, 6))
-    batch_state = rng.normal(size=(4, *text.state_shape)).astype(np.float32)
+    ids, state, batch_ids, batch_state = random_inputs(text)
     one = {"ids": ids.tolist(), "state": state.tolist()}
     binary, as_json, batched, concurrent = triton_http(
         text_server, {"op": "infer", **one}, {"op": "infer", **one, "binary": False},

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from google.protobuf import json_format, text_format
-from kserve_reference import Reference, _argmax, _array
+from kserve_reference import Reference, _argmax, _array, random_inputs
 from live import LiveServer, serve_model
 from prometheus_client.parser import text_string_to_metric_families
 from tritonenv import run_tritonside
@@ -66,12 +66,7 @@ def test_probes_and_metadata(hihell_server, hihell, hihell_model):
 
 
 def test_explicit_state_matches_onnxruntime(text_server, text):
-    rng = np.random.default_rng(5)
-    vocab = len(text.vocab)
-    ids = rng.integers(0, vocab, size=(1, 9))
-    state = rng.normal(size=(1, *text.state_shape)).astype(np.float32)
-    batch_ids = rng.integers(0, vocab, size=(4, 6))
-    batch_state = rng.normal(size=(4, *text.state_shape)).astype(np.float32)
+    ids, state, batch_ids, batch_state = random_inputs(text)
     one = {"ids": ids.tolist(), "state": state.tolist()}
     raw, typed, batched, concurrent = triton(
         text_server, {"op": "infer", **one}, {"op": "typed", **one},

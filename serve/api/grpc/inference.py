@@ -47,7 +47,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self.models.current.inference
 
     def _ready(self) -> bool:
-        return self.service.ready and not self._gate.draining
+        return self._gate.ready(self.service.ready)
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)

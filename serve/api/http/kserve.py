@@ -203,7 +203,7 @@ class KServeRest:
         return self.models.current.inference
 
     def _ready(self) -> bool:
-        return self.service.ready and not self.gate.draining
+        return self.gate.ready(self.service.ready)
 
     @staticmethod
     def _model(request: Request) -> tuple[str, str]:
