@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -34,7 +36,7 @@ LIMIT = 240  # seconds for a two-node run of STEPS steps (about 15 s on our 2-co
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads torchrun's workers from /proc")
 
 
-def node_command(node_rank: int, endpoint: str, run_id: str, corpus: Path, out: Path, *extra: str) -> list[str]:
+def node_command(node_rank: int | str, endpoint: str, run_id: str, corpus: Path, out: Path, *extra: str) -> list[str]:
     """One node's torchrun. With c10d, torchrun ignores --node-rank (it says so): the rendezvous numbers the
     nodes; it stays, as the README's command (and a static rendezvous) has it."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
@@ -151,3 +153,11 @@ def test_sigterm_to_either_node_stops_both_at_one_step_and_resume_continues(tmp_
     train_on_two_nodes(tmp_path / "resume-logs", tiny_corpus, out, "--resume")
     assert checkpoint.load(out, checkpoint.LAST)["summary"]["steps"] == STEPS
     assert max_diff(weights(out), weights(whole)) <= TOLERANCE
+
+
+def test_the_readme_shows_the_command_these_tests_run():
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"^python -m torch\.distributed\.run --nnodes 2 .*?(?=\n```)", readme, re.M | re.S)
+    assert match, "README.md: no `python -m torch.distributed.run --nnodes 2 ...` block"
+    shown = shlex.split(match.group(0).replace("\\\n", " "))
+    assert shown == ["python", *node_command("I", "127.0.0.1:PORT", "RUN", Path("tiny.txt"), Path("DIR"))[1:]]
