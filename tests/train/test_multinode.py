@@ -96,6 +96,7 @@ def wait_for_step(nodes: list[Node], step: int, limit: float = LIMIT) -> None:
 
 
 def logs_of(nodes: list[Node]) -> str:
+    """The ends of both logs, for a failure's message (torchrun's tracebacks make them long)."""
     return "\n".join(f"--- node {i}:\n{node.text()[-4000:]}" for i, node in enumerate(nodes))
 
 
@@ -143,10 +144,10 @@ def test_sigterm_to_either_node_stops_both_at_one_step_and_resume_continues(tmp_
         [node] = [node for node in nodes if rank in worker_ranks(node.launcher.pid)]
         node.launcher.send_signal(signal.SIGTERM)  # torchrun itself, which passes it on to its worker
         codes = finish(nodes)  # both exit: the other node's rank stops too, it does not wait for the one that left
-        log = logs_of(nodes)
+        text, log = "\n".join(node.text() for node in nodes), logs_of(nodes)
     stopped = checkpoint.load(out, checkpoint.LAST)["summary"]["steps"]
     assert 20 <= stopped < STEPS, log
-    assert f"SIGTERM: stopped after step {stopped}" in log, log  # rank 0 saved last.pt at that step
+    assert f"SIGTERM: stopped after step {stopped}" in text, log  # rank 0 saved last.pt at that step
     assert all(code != 0 for code in codes), (codes, log)  # an interrupted run is not a finished one
     assert len(checkpoint.load(out, checkpoint.LAST)["resume"]["rng_ranks"]) == 2  # both ranks reached the save
 
