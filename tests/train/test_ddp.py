@@ -6,47 +6,26 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
+from ddp_support import ARGS, STEPS, TOLERANCE, max_diff, weights, worker_ranks
 from live import serve_model
-from support import ROOT, interrupt_at_step, run_stage
+from support import ROOT, free_port, interrupt_at_step, run_stage
 
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 from train import checkpoint
 
-STEPS = 120
-ARGS = ("--cell", "gru", "--layers", "2", "--hidden", "32", "--batch-size", "4", "--seq-len", "16",
-        "--dropout", "0", "--eval-every", "20", "--save-every", "1000", "--log-every", "1", "--steps", str(STEPS))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _torchrun(n: int, corpus, out, *extra: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(n),
-            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "train",
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "train",
             "--corpus", str(corpus), *ARGS, "--out", str(out), *extra]
 
 
 def _run(n: int, corpus, out, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(_torchrun(n, corpus, out, *extra), cwd=ROOT, capture_output=True, text=True, timeout=240)
-
-
-def _weights(out) -> dict[str, torch.Tensor]:
-    return checkpoint.load(out, checkpoint.LAST)["model_state"]
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +41,7 @@ def test_two_processes_train_the_same_weights_as_one(tmp_path, tiny_corpus, two_
     assert proc.stdout.count("trained at step") == 1  # rank 0 reports, the other rank is silent
     one = tmp_path / "one"
     run_stage("train", "--corpus", str(tiny_corpus), *ARGS, "--out", str(one), timeout=240)
-    assert _max_diff(_weights(ddp), _weights(one)) <= 1e-5
+    assert max_diff(weights(ddp), weights(one)) <= TOLERANCE
     a, b = checkpoint.load(ddp)["summary"], checkpoint.load(one)["summary"]
     assert a["world_size"] == 2 and b["world_size"] == 1 and a["chars_seen"] == b["chars_seen"]
     assert a["best_val_loss"] == pytest.approx(b["best_val_loss"], abs=1e-5)
@@ -80,9 +59,9 @@ def test_with_the_regularizers_two_processes_still_train_what_one_does(tmp_path,
     assert proc.returncode == 0, proc.stderr
     run_stage("train", "--corpus", str(tiny_corpus), *ARGS, "--out", str(tmp_path / "one"), *extra, timeout=240)
     ddp, one = (checkpoint.load(tmp_path / name, checkpoint.LAST) for name in ("ddp", "one"))
-    assert _max_diff(ddp["model_state"], one["model_state"]) <= 1e-5  # the averages
-    assert _max_diff(ddp["resume"]["weights"], one["resume"]["weights"]) <= 1e-5  # the training weights
-    assert _max_diff(ddp["model_state"], ddp["resume"]["weights"]) > 1e-3  # (which are not the average)
+    assert max_diff(ddp["model_state"], one["model_state"]) <= TOLERANCE  # the averages
+    assert max_diff(ddp["resume"]["weights"], one["resume"]["weights"]) <= TOLERANCE  # the training weights
+    assert max_diff(ddp["model_state"], ddp["resume"]["weights"]) > 1e-3  # (which are not the average)
 
 
 def test_the_ddp_checkpoint_exports_and_serves(two_process_run):
@@ -106,7 +85,7 @@ def test_sigint_then_resume_under_two_processes_ends_as_the_uninterrupted_run(tm
     resumed = _run(2, tiny_corpus, parts, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert checkpoint.load(parts, checkpoint.LAST)["summary"]["steps"] == STEPS
-    assert _max_diff(_weights(parts), _weights(whole)) <= 1e-5
+    assert max_diff(weights(parts), weights(whole)) <= TOLERANCE
 
     other_n = run_stage("train", "--corpus", str(tiny_corpus), *ARGS, "--out", str(parts), "--resume", "--steps",
                         str(STEPS + 10), check=False)
@@ -121,16 +100,9 @@ def test_a_batch_that_does_not_divide_among_the_processes_is_refused(tmp_path, t
 
 
 def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
-    """The pid of torchrun's worker of the given rank (read from /proc: its children and their RANK)."""
-    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
-    for pid in children.read_text().split():
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in environ:
-            return int(pid)
-    raise AssertionError(f"no worker of rank {rank} under torchrun {launcher.pid}")
+    pid = worker_ranks(launcher.pid).get(rank)
+    assert pid is not None, f"no worker of rank {rank} under torchrun {launcher.pid}"
+    return pid
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads torchrun's workers from /proc")
