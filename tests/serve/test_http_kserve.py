@@ -139,7 +139,7 @@ BAD = [
      "not a tensor shape"),
     ({"inputs": []}, 400, "non-empty list"),
     ({"inputs": [{"name": "input_ids", "shape": [1, 1], "datatype": "INT64", "data": [0]}],
-      "outputs": [{"name": "hidden"}]}, 400, "no such output"),
+      "outputs": [{"name": "attention"}]}, 400, "no such output"),
     ({"inputs": [{"name": "input_ids", "shape": [1, 1], "datatype": "INT64", "data": [0]}],
       "parameters": {"sequence_id": 5}}, 400, "sequence_start"),
     ({"inputs": [{"name": "input_ids", "shape": [1, 1], "datatype": "INT64",
