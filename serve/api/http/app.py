@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from serve.api.http.calls import ErrorStyle, Policies, peer_of
+from serve.api.http.charrnn import CharRNNRest
 from serve.api.http.kserve import KServeErrors, KServeRest
 from serve.api.http.openai_protocol import OpenAIErrors
 from serve.api.http.openai_serving import OpenAIServing
@@ -37,11 +38,14 @@ def _model_routes(suffix: str, endpoint: Any, methods: list[str]) -> list[BaseRo
 def build_app(models: ModelSlot, policies: Policies, model_name: str, version: str) -> Starlette:
     openai = OpenAIServing(models, model_name)
     kserve = KServeRest(models, version, policies.gate)
+    charrnn = CharRNNRest(models, model_name)
     route = policies.route
     routes: list[BaseRoute] = [
         Route("/v1/completions", route("completions", openai.completions, OPENAI, streams=True), methods=["POST"]),
         Route("/v1/models", route("models", openai.models_list, OPENAI), methods=["GET"]),
         Route("/v1/chat/completions", route("chat_completions", openai.chat, OPENAI), methods=["POST"]),
+        Route("/v1/trace", route("Trace", charrnn.trace, OPENAI), methods=["POST"]),
+        Route("/v1/model", route("GetModelInfo", charrnn.model_info, OPENAI), methods=["GET"]),
         Route("/v2", route("ServerMetadata", kserve.server_metadata, KSERVE), methods=["GET"]),
         Route("/v2/health/live", route("ServerLive", kserve.live, KSERVE, probe=True), methods=["GET"]),
         Route("/v2/health/ready", route("ServerReady", kserve.ready, KSERVE, probe=True), methods=["GET"]),
