@@ -180,7 +180,7 @@ def test_both_engines_trace_alike_beside_plain_predicts(hihell_model, hihell):
     Predicts arriving together batch apart (only the traces' calls fetch hidden) and both come back right."""
     want = hihell.hidden(np.array([hihell.ids("hihell")]))[0]
     for server in serve_model(hihell_model, engine="thread"):
-        def one(k: int):
+        def one(k: int, server: LiveServer = server) -> list[pb.PredictResponse]:
             return list(server.stub.Predict(iter([pb.PredictRequest(text="hihell", hidden=k % 2 == 0)]), timeout=30))
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
