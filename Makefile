@@ -88,9 +88,11 @@ playground: install
 		sed -u 's|^charrnn http on \(.*\)|&\nplayground: open \1/ in a browser (Ctrl-C stops the server)|'
 
 # The README's pictures of the playground: the browser tests, writing their screenshots into docs/img
-# (elsewhere they go to a temporary folder, so that `make test` leaves the tree clean).
+# (elsewhere they go to a temporary folder, so that `make test` leaves the tree clean), with the demo
+# model where there is one (`make demo` trains it), else the suite's tiny model.
 screenshots: install
-	CHARRNN_SCREENSHOTS=docs/img $(BIN)/python -m pytest -q tests/serve/test_playground.py
+	CHARRNN_SCREENSHOTS=docs/img CHARRNN_PLAYGROUND_MODEL=$$(test -f $(DEMO_DIR)/model.onnx && echo $(DEMO_DIR)/model.onnx) \
+		$(BIN)/python -m pytest -q tests/serve/test_playground.py
 
 # Regenerates the committed gRPC stubs in serve/api/pb/ from protos/. The -I mapping places each proto at
 # serve/api/pb/<its path> for protoc (e.g. serve/api/pb/charrnn/v1/charrnn.proto), so generated imports

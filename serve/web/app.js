@@ -35,8 +35,8 @@ function fail(error) {
 function probabilityColour(p) { // red (unlikely) to green (likely)
   return `hsl(${Math.round(120 * Math.min(1, Math.max(0, p)))} 70% 84%)`;
 }
-function valueColour(v) { // blue (-1) through white (0) to red (+1)
-  const t = Math.min(1, Math.abs(v));
+function valueColour(v, strength = 1) { // blue (-1) through white (0) to red (+1); strength < 1: paler
+  const t = Math.min(1, Math.abs(v)) * strength;
   const [r, g, b] = v < 0 ? [59, 110, 200] : [200, 60, 50];
   const mix = (c) => Math.round(255 + (c - 255) * t);
   return `rgb(${mix(r)} ${mix(g)} ${mix(b)})`;
@@ -374,7 +374,7 @@ function shade() {
     const v = values[Number(span.dataset.index)];
     span.dataset.value = String(v);
     span.title = `after '${shown(span.textContent)}': ${v.toFixed(4)}`;
-    span.style.setProperty('background-color', valueColour(v));
+    span.style.setProperty('background-color', valueColour(v, 0.65)); // pale enough to read the text
   }
 }
 

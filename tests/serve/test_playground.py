@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -36,8 +37,11 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def text_live(text_model: Path) -> Iterator[LiveServer]:
-    """Long generations allowed (for Stop), and the metrics endpoint (for charrnn_active_streams)."""
-    yield from serve_model(text_model, max_chars=100_000, metrics_port=0)
+    """Long generations allowed (for Stop), and the metrics endpoint (for charrnn_active_streams). The
+    model is the suite's tiny one, or $CHARRNN_PLAYGROUND_MODEL (`make screenshots`: the demo model, so
+    that the pictures show text a person can read)."""
+    model = Path(os.environ.get("CHARRNN_PLAYGROUND_MODEL") or text_model)
+    yield from serve_model(model, max_chars=100_000, metrics_port=0)
 
 
 class Page:
@@ -132,6 +136,15 @@ def test_generate_streams_the_same_text_and_probabilities_as_grpc(pages, text_li
     chosen = dict(alternatives)[got[5][0]]
     assert math.isclose(chosen, got[5][1], rel_tol=1e-6)
     p.shoot("playground-generate")
+
+    # the neuron view shades the whole text: the prompt and what was generated
+    p.by("view-neurons").click()
+    p.by("neurons-trace").click()
+    activations = p.by("activation")
+    activations.nth(len(PROMPT) + 119).wait_for()
+    assert "".join(activations.all_text_contents()) == PROMPT + "".join(c for c, _ in got)
+    assert activations.nth(0).get_attribute("data-value") is not None
+    p.shoot("playground-neurons-text")
     p.check_clean()
 
 
