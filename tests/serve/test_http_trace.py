@@ -18,6 +18,7 @@ import onnx
 import pytest
 from kserve_reference import Reference
 from live import LiveServer, post, serve_model
+from support import strip_hidden
 
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 from serve.service.charrnn import MAX_TRACE_CHARS
@@ -35,24 +36,6 @@ def trace(server: LiveServer, body: dict, headers: dict | None = None) -> tuple[
 def floats(encoded: dict) -> np.ndarray:
     assert encoded["dtype"] == "float32" and encoded["byteorder"] == "little"
     return np.frombuffer(base64.b64decode(encoded["data"]), dtype="<f4").reshape(encoded["shape"])
-
-
-def strip_hidden(source: Path, target: Path) -> Path:
-    """The file as export wrote it before issue 20: no `hidden` output, nor the nodes only it used."""
-    model = onnx.load(str(source))
-    graph = model.graph
-    kept = [o for o in graph.output if o.name != "hidden"]
-    del graph.output[:]
-    graph.output.extend(kept)
-    while True:
-        needed = {o.name for o in graph.output} | {i for n in graph.node for i in n.input}
-        dead = [n for n in graph.node if not any(out in needed for out in n.output)]
-        if not dead:
-            break
-        for node in dead:
-            graph.node.remove(node)
-    onnx.save(model, str(target))
-    return target
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from browser import DESKTOP, PHONE, launch, screenshots, sync_playwright
 from live import LiveServer, post, scrape, serve_model
+from support import strip_hidden
 
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
 
@@ -269,3 +270,24 @@ def test_a_server_that_went_away_is_said_in_words(pages, hihell_model):
     error.wait_for(state="visible")
     assert "Cannot reach the server" in error.inner_text() and "is it running?" in error.inner_text()
     p.check_clean(allowed=("ERR_CONNECTION_REFUSED", "Failed to load resource"))
+
+
+def test_a_model_without_hidden_says_to_export_again(pages, hihell_model, tmp_path):
+    for server in serve_model(strip_hidden(hihell_model, tmp_path / "old.onnx")):
+        p = pages(server)
+        p.open("lesson")
+        p.by("prompt").fill("hihell")
+        p.by("trace").click()
+        error = p.by("error")
+        error.wait_for(state="visible")
+        assert "export it again" in error.inner_text()
+        assert p.by("heatmap").count() == 0
+        p.by("view-model").click()
+        assert "export the model again" in p.by("model-card").inner_text()
+        p.by("view-generate").click()
+        p.by("max-chars").fill("6")
+        p.by("seed").fill("1")
+        p.by("generate").click()  # Generate still works on such a file
+        p.status("Done")
+        assert p.by("output").get_by_test_id("char").count() == 6
+        p.check_clean()
