@@ -205,7 +205,7 @@ def test_the_neuron_view_shades_the_text_by_one_unit(pages, hihell_server):
     assert units.count() == 5
     hidden = api_trace(hihell_server, "hihell")[:, 0, :]
     order = [int(v) for v in units.evaluate_all("els => els.map(e => e.value)")]
-    spread = hidden.var(axis=0)
+    spread = hidden.astype(np.float64).var(axis=0)  # in double precision, as the page computes it
     assert order[0] == int(np.argmax(spread)) and sorted(spread[order].tolist(), reverse=True) == spread[order].tolist()
     for unit in (order[0], order[-1]):
         p.by("units").select_option(str(unit))
@@ -291,3 +291,67 @@ def test_a_model_without_hidden_says_to_export_again(pages, hihell_model, tmp_pa
         p.status("Done")
         assert p.by("output").get_by_test_id("char").count() == 6
         p.check_clean()
+
+
+def test_large_models_show_the_units_that_vary_most_and_more_on_request(pages, text_live, text_model):
+    """2 layers x 32 units = 64 rows; the page shows the 48 that vary most until asked for more."""
+    text = "it was the best of times"
+    p = pages(text_live)
+    p.open("lesson")
+    p.by("prompt").fill(text)
+    p.by("trace").click()
+    cells = p.by("heatmap").get_by_test_id("cell")
+    cells.nth(48 * len(text) - 1).wait_for()
+    assert cells.count() == 48 * len(text)
+    hidden = api_trace(text_live, text).reshape(len(text), -1).astype(np.float64)  # as JavaScript's numbers
+    shown = sorted(set(cells.evaluate_all("els => els.map(e => Number(e.dataset.unit))")))
+    assert shown == sorted(np.argsort(-hidden.var(axis=0), kind="stable")[:48].tolist())
+    p.by("heatmap-units").fill("64")
+    p.by("heatmap-units").dispatch_event("change")
+    cells.nth(64 * len(text) - 1).wait_for()
+    assert cells.count() == 64 * len(text)
+    p.check_clean()
+
+
+def test_units_most_active_in_a_selected_span(pages, hihell_server):
+    p = pages(hihell_server)
+    p.open("neurons")
+    p.by("prompt").fill("hihell")
+    p.by("neurons-trace").click()
+    p.by("activation").nth(5).wait_for()
+    p.page.evaluate("""() => {
+        const spans = document.querySelectorAll('[data-testid=activation]');
+        const range = document.createRange();
+        range.setStartBefore(spans[2]);
+        range.setEndAfter(spans[3]);
+        getSelection().removeAllRanges();
+        getSelection().addRange(range);
+    }""")
+    p.by("units-in-selection").click()
+    labels = p.by("units").locator("option").all_text_contents()
+    assert all("Δ" in label for label in labels)
+    hidden = api_trace(hihell_server, "hihell")[:, 0, :]
+    inside = hidden[2:4].mean(axis=0) - np.concatenate([hidden[:2], hidden[4:]]).mean(axis=0)
+    order = [int(v) for v in p.by("units").locator("option").evaluate_all("els => els.map(e => e.value)")]
+    assert order[0] == int(np.argmax(np.abs(inside)))
+    p.check_clean()
+
+
+def test_a_busy_server_is_said_in_words(pages, text_model):
+    """--max-streams 1: while the page's Generate holds the one slot, a trace is refused with 429."""
+    for server in serve_model(text_model, max_chars=100_000, max_streams=1):
+        p = pages(server)
+        p.open()
+        p.by("prompt").fill(PROMPT)
+        p.by("max-chars").fill("100000")
+        p.by("generate").click()
+        p.by("output").get_by_test_id("char").nth(20).wait_for()
+        p.by("view-lesson").click()
+        p.by("trace").click()
+        error = p.by("error")
+        error.wait_for(state="visible")
+        assert "busy (429" in error.inner_text()
+        p.by("view-generate").click()
+        p.by("stop").click()
+        p.status("Stopped")
+        p.check_clean(allowed=("status of 429",))
