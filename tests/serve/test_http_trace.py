@@ -16,12 +16,16 @@ import grpc
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kserve_reference import Reference
 from live import LiveServer, post, serve_model
 from support import strip_hidden
 
+from serve.api.http.charrnn import trace_request
 from serve.api.pb.charrnn.v1 import charrnn_pb2 as pb
-from serve.service.charrnn import MAX_TRACE_CHARS
+from serve.errors import InvalidArgument
+from serve.service.charrnn import MAX_ALTERNATIVES, MAX_TRACE_CHARS
 
 
 def get(server: LiveServer, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
@@ -177,3 +181,26 @@ def test_both_engines_trace_alike_beside_plain_predicts(hihell_model, hihell):
                 assert got.size == 0
         status, body = trace(server, {"text": "hihell"})
         assert status == 200 and np.abs(floats(body["hidden"]) - want).max() <= 1e-6
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                    max_leaves=8)
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=st.dictionaries(st.sampled_from(["text", "top_k", "model", "extra"]), JSON, max_size=4)
+       | st.fixed_dictionaries({"text": st.text(min_size=1, max_size=30)},
+                               optional={"top_k": st.integers(-3, 30), "model": st.text(max_size=5)}))
+def test_any_trace_body_is_accepted_exactly_when_valid(body):
+    top_k = body.get("top_k", 5)
+    valid = (set(body) <= {"text", "top_k", "model"} and isinstance(body.get("text"), str)
+             and 0 < len(body["text"]) <= MAX_TRACE_CHARS
+             and isinstance(top_k, int) and not isinstance(top_k, bool) and 0 <= top_k <= MAX_ALTERNATIVES
+             and (body.get("model") is None or isinstance(body["model"], str)))
+    try:
+        request = trace_request(body)
+    except InvalidArgument as error:
+        assert not valid and error.param in ("text", "top_k", "model", "extra"), error
+    else:
+        assert valid and request.text == body["text"] and request.top_k == top_k
