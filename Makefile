@@ -8,7 +8,7 @@ TRITON_STAMP := $(TRITON_VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo
 DEMO_BUDGET ?= 180
 
-.PHONY: install lint test test-slow test-containers demo protos clean
+.PHONY: install lint test test-slow test-containers demo playground screenshots protos clean
 
 NODE_STAMP := clients/node/node_modules/.package-lock.json
 
@@ -69,6 +69,30 @@ demo: install
 	head -n1 $(DEMO_DIR)/serve.log; \
 	target=$$(sed -n 's/^charrnn serving .* on \([^ ]*\) (.*/\1/p' $(DEMO_DIR)/serve.log); \
 	$(BIN)/python -m serve.client generate --target $$target --prompt "The " --max-chars 400 --temperature 0.8
+	@echo; echo "To watch the model think in a browser: make playground (then open the URL it prints)"
+
+# The playground (serve/web/): serves the demo model with its page until Ctrl-C, training it first if
+# runs/demo has no checkpoint; MODEL=lesson serves the seed lesson's model (runs/hihell) instead. Export
+# runs every time (seconds), so a model.onnx written before the `hidden` output existed gets it.
+MODEL ?= demo
+LESSON_DIR ?= runs/hihell
+PLAYGROUND_PORT ?= 8000
+playground: install
+	@set -e; if [ "$(MODEL)" = lesson ]; then dir=$(LESSON_DIR); \
+		test -f $$dir/checkpoint.pt || $(BIN)/python -m train --corpus hihell --out $$dir; \
+	else dir=$(DEMO_DIR); \
+		test -f $$dir/checkpoint.pt || $(BIN)/python -m train --time-budget $(DEMO_BUDGET) --out $$dir --resume auto; \
+	fi; \
+	$(BIN)/python -m export $$dir >/dev/null; \
+	$(BIN)/python -m serve --model $$dir/model.onnx --port 0 --http-port $(PLAYGROUND_PORT) 2>&1 | \
+		sed -u 's|^charrnn http on \(.*\)|&\nplayground: open \1/ in a browser (Ctrl-C stops the server)|'
+
+# The README's pictures of the playground: the browser tests, writing their screenshots into docs/img
+# (elsewhere they go to a temporary folder, so that `make test` leaves the tree clean), with the demo
+# model where there is one (`make demo` trains it), else the suite's tiny model.
+screenshots: install
+	CHARRNN_SCREENSHOTS=docs/img CHARRNN_PLAYGROUND_MODEL=$$(test -f $(DEMO_DIR)/model.onnx && echo $(DEMO_DIR)/model.onnx) \
+		$(BIN)/python -m pytest -q tests/serve/test_playground.py
 
 # Regenerates the committed gRPC stubs in serve/api/pb/ from protos/. The -I mapping places each proto at
 # serve/api/pb/<its path> for protoc (e.g. serve/api/pb/charrnn/v1/charrnn.proto), so generated imports

@@ -134,8 +134,9 @@ def export(run_dir: Path, out: Path | None = None, triton_repo: Path | None = No
             return 2
     if triton_repo is not None:
         meta = {p.key: p.value for p in proto.metadata_props}
+        triton = TritonModel.of(meta, triton_name, (o.name for o in proto.graph.output))
         try:
-            config, copy = write_repository(triton_repo, TritonModel.of(meta, triton_name), data)
+            config, copy = write_repository(triton_repo, triton, data)
         except OSError as exc:
             print(f"export: error: cannot write the Triton repository {triton_repo}: {exc}", file=sys.stderr)
             return 2

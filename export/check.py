@@ -24,7 +24,7 @@ SHAPES = ((1, 1), (1, 17), (5, 1), (5, 9))  # (batch, seq): two of each, so noth
 @dataclass
 class Report:
     problems: list[str] = field(default_factory=list)
-    parity: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)  # -> (logits, state)
+    parity: dict[tuple[int, int], tuple[float, float, float]] = field(default_factory=dict)  # (logits, state, hidden)
     threading: tuple[float, float] = (float("nan"), float("nan"))
 
     @property
@@ -32,8 +32,8 @@ class Report:
         return not self.problems
 
     def lines(self) -> list[str]:
-        out = [f"  onnxruntime vs PyTorch, batch {b} seq {s}: max |diff| logits {lo:.2e}, state {st:.2e}"
-               for (b, s), (lo, st) in self.parity.items()]
+        out = [f"  onnxruntime vs PyTorch, batch {b} seq {s}: max |diff| logits {lo:.2e}, state {st:.2e}, "
+               f"hidden {hi:.2e}" for (b, s), (lo, st, hi) in self.parity.items()]
         if self.parity:
             out.append(f"  whole sequence vs one char at a time: max |diff| logits {self.threading[0]:.2e}, "
                        f"state {self.threading[1]:.2e}")
@@ -61,38 +61,44 @@ def verify(proto: onnx.ModelProto, model: CharRNN, seed: int = 0) -> Report:
     rng = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
 
+    hidden_size = model.config.hidden_size
     for batch, seq in SHAPES:
         ids = torch.randint(0, vocab, (batch, seq), generator=rng)
         state = torch.randn(batch, model.config.num_layers, model.config.state_size, generator=rng) * 0.5
         with torch.no_grad():
-            want_logits, want_state = model(ids, state)
-        got_logits, got_state = sess.run(None, {"input_ids": ids.numpy(), "state_in": state.numpy()})
-        if not (np.isfinite(got_logits).all() and np.isfinite(got_state).all()):
+            want_logits, want_state, want_hidden = model.trace(ids, state)
+        got_logits, got_state, got_hidden = sess.run(None, {"input_ids": ids.numpy(), "state_in": state.numpy()})
+        if not (np.isfinite(got_logits).all() and np.isfinite(got_state).all() and np.isfinite(got_hidden).all()):
             report.problems.append(f"batch {batch} seq {seq}: onnxruntime outputs are not finite")
-        if got_logits.shape != tuple(want_logits.shape) or got_state.shape != tuple(want_state.shape):
-            report.problems.append(f"batch {batch} seq {seq}: onnxruntime shapes {got_logits.shape}, "
-                                   f"{got_state.shape}; PyTorch {tuple(want_logits.shape)}, {tuple(want_state.shape)}")
+        got = (got_logits.shape, got_state.shape, got_hidden.shape)
+        want = (tuple(want_logits.shape), tuple(want_state.shape), tuple(want_hidden.shape))
+        if got != want:
+            report.problems.append(f"batch {batch} seq {seq}: onnxruntime shapes {', '.join(map(str, got))}; "
+                                   f"PyTorch {', '.join(map(str, want))}")
             continue
-        diff = (_maxdiff(got_logits, want_logits), _maxdiff(got_state, want_state))
+        diff = (_maxdiff(got_logits, want_logits), _maxdiff(got_state, want_state), _maxdiff(got_hidden, want_hidden))
         report.parity[(batch, seq)] = diff
-        limits = (_limit(want_logits.numpy()), _limit(want_state.numpy()))
+        limits = (_limit(want_logits.numpy()), _limit(want_state.numpy()), _limit(want_hidden.numpy()))
         if not _within(diff, limits):
-            report.problems.append(f"batch {batch} seq {seq}: max |diff| logits {diff[0]:.2e}, state {diff[1]:.2e}; "
-                                   f"limits {limits[0]:.2e}, {limits[1]:.2e}")
+            report.problems.append(f"batch {batch} seq {seq}: max |diff| logits {diff[0]:.2e}, state {diff[1]:.2e}, "
+                                   f"hidden {diff[2]:.2e}; limits {limits[0]:.2e}, {limits[1]:.2e}, {limits[2]:.2e}")
+        # hidden's last position is state_out's h (all of it for GRU/RNN, the first half for LSTM)
+        if not np.array_equal(got_hidden[:, -1], got_state[:, :, :hidden_size]):
+            report.problems.append(f"batch {batch} seq {seq}: hidden at the last character differs from state_out's h")
 
     chain = torch.randint(0, vocab, (3, 12), generator=rng).numpy()
     zero = np.zeros((3, model.config.num_layers, model.config.state_size), dtype=np.float32)
-    whole_logits, whole_state = sess.run(None, {"input_ids": chain, "state_in": zero})
+    whole_logits, whole_state = sess.run(["logits", "state_out"], {"input_ids": chain, "state_in": zero})
     carried, steps = zero, []
     for t in range(chain.shape[1]):
-        logits, carried = sess.run(None, {"input_ids": chain[:, t : t + 1], "state_in": carried})
+        logits, carried = sess.run(["logits", "state_out"], {"input_ids": chain[:, t : t + 1], "state_in": carried})
         steps.append(logits)
     report.threading = (float(np.abs(np.concatenate(steps, axis=1) - whole_logits).max()),
                         float(np.abs(carried - whole_state).max()))
-    limits = (_limit(whole_logits), _limit(whole_state))
-    if not _within(report.threading, limits):
+    chain_limits = (_limit(whole_logits), _limit(whole_state))
+    if not _within(report.threading, chain_limits):
         report.problems.append(f"state threading: max |diff| logits {report.threading[0]:.2e}, state "
-                               f"{report.threading[1]:.2e}; limits {limits[0]:.2e}, {limits[1]:.2e}")
+                               f"{report.threading[1]:.2e}; limits {chain_limits[0]:.2e}, {chain_limits[1]:.2e}")
     return report
 
 

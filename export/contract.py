@@ -6,6 +6,11 @@
 | state_in   | input     | float32 | [batch, num_layers, state_size]    |
 | logits     | output    | float32 | [batch, seq, vocab] (unnormalised) |
 | state_out  | output    | float32 | [batch, num_layers, state_size]    |
+| hidden     | output    | float32 | [batch, seq, num_layers, hidden_size] (optional) |
+
+`hidden` is every layer's h after every input character (for LSTM the h half of the state); its last
+position equals the h part of state_out. Export writes it since the playground (issue 20); readers
+must accept a file without it (older exports), and a runtime that does not fetch it still computes it.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ import onnx
 BATCH, SEQ = "batch", "seq"
 INPUTS = ("input_ids", "state_in")
 OUTPUTS = ("logits", "state_out")
+HIDDEN = "hidden"
+OPTIONAL_OUTPUTS = (HIDDEN,)
 REQUIRED_METADATA = ("vocab", "cell", "num_layers", "hidden_size", "state_size")
 COUNTS = ("num_layers", "hidden_size", "state_size")  # positive decimal integers, as the server reads them
 DTYPES = {"input_ids": onnx.TensorProto.INT64, "state_in": onnx.TensorProto.FLOAT,
-          "logits": onnx.TensorProto.FLOAT, "state_out": onnx.TensorProto.FLOAT}
+          "logits": onnx.TensorProto.FLOAT, "state_out": onnx.TensorProto.FLOAT, HIDDEN: onnx.TensorProto.FLOAT}
 
 
 def expected_dims(meta: dict[str, str]) -> dict[str, list[str | int]]:
@@ -30,6 +37,7 @@ def expected_dims(meta: dict[str, str]) -> dict[str, list[str | int]]:
         "state_in": [BATCH, layers, state],
         "logits": [BATCH, SEQ, vocab],
         "state_out": [BATCH, layers, state],
+        HIDDEN: [BATCH, SEQ, layers, int(meta["hidden_size"])],
     }
 
 
@@ -62,10 +70,13 @@ def violations(model: onnx.ModelProto) -> list[str]:
     if state != (2 * hidden if meta["cell"] == "lstm" else hidden):
         problems.append(f"state_size {state} does not fit cell {meta['cell']} with hidden_size {hidden}")
     want = expected_dims(meta)
-    for kind, values, names in (("input", model.graph.input, INPUTS), ("output", model.graph.output, OUTPUTS)):
+    for kind, values, required in (("input", model.graph.input, INPUTS), ("output", model.graph.output, OUTPUTS)):
         got = {v.name: v for v in values}
+        optional = OPTIONAL_OUTPUTS if kind == "output" else ()
+        names = (*required, *(n for n in optional if n in got))
         if sorted(got) != sorted(names):
-            problems.append(f"graph {kind}s are {sorted(got)}, expected {sorted(names)}")
+            extra = f" (and optionally {', '.join(optional)})" if optional else ""
+            problems.append(f"graph {kind}s are {sorted(got)}, expected {sorted(required)}{extra}")
             continue
         for name in names:
             if got[name].type.tensor_type.elem_type != DTYPES[name]:

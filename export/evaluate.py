@@ -76,7 +76,7 @@ class _Model:
 
     def nll(self, ids: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-position nats of ids[:, 1:] given ids[:, :-1] (float64), and the state after ids[:, :-1]."""
-        logits, state = self.session.run(None, {"input_ids": ids[:, :-1], "state_in": state})
+        logits, state = self.session.run(["logits", "state_out"], {"input_ids": ids[:, :-1], "state_in": state})
         logits = logits.astype(np.float64)
         top = logits.max(axis=-1, keepdims=True)
         log_z = np.log(np.exp(logits - top).sum(axis=-1)) + top[..., 0]

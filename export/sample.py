@@ -33,7 +33,7 @@ def sample(path: str, prompt: str, chars: int, temperature: float, seed: int, ou
     produced = []
     out.write(prompt)
     for _ in range(chars):
-        logits, state = sess.run(None, {"input_ids": ids, "state_in": state})
+        logits, state = sess.run(["logits", "state_out"], {"input_ids": ids, "state_in": state})
         z = logits[0, -1].astype(np.float64) / max(temperature, 1e-6)
         p = np.exp(z - z.max())
         nxt = int(rng.choice(len(vocab), p=p / p.sum()))

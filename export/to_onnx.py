@@ -8,6 +8,7 @@ TorchScript path emits the ONNX RNN/GRU/LSTM operators with fully dynamic batch 
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import warnings
@@ -16,10 +17,27 @@ from typing import Any
 import onnx
 import torch
 
-from export.contract import BATCH, INPUTS, OUTPUTS, SEQ
+from export.contract import BATCH, HIDDEN, INPUTS, OUTPUTS, SEQ
 from train.model import CharRNN, ModelConfig
 
 OPSET = 17  # the ONNX RNN/GRU/LSTM ops and every runtime we target (onnxruntime >= 1.11, Triton) agree here
+
+
+class _Traced(CharRNN):
+    """CharRNN whose forward is trace (logits, state and `hidden`): what the exporter traces. A subclass,
+    not a wrapper module, so that the graph's initializers keep the model's own names (head.bias...)."""
+
+    def forward(self, ids: torch.Tensor, state: torch.Tensor,  # type: ignore[override]  # one output more
+                noise: object = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.trace(ids, state)
+
+
+def _traced(model: CharRNN) -> _Traced:
+    """The same module (its parameters, buffers and config, shared, not copied) as a _Traced."""
+    traced: Any = copy.copy(model)
+    traced.__class__ = _Traced
+    result: _Traced = traced
+    return result
 
 
 class ExportError(Exception):
@@ -53,10 +71,10 @@ def _to_onnx(model: CharRNN, vocab: list[str], provenance: dict[str, str]) -> on
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined]  # absent from torch.jit.__all__
         warnings.filterwarnings("ignore", message=".*Exporting a model to ONNX with a batch_size other.*")
         torch.onnx.export(
-            model, (ids, state), buffer, dynamo=False, opset_version=OPSET,  # type: ignore[arg-type]  # f may be a file object (TorchScript exporter)
-            input_names=list(INPUTS), output_names=list(OUTPUTS),
+            _traced(model), (ids, state), buffer, dynamo=False, opset_version=OPSET,  # type: ignore[arg-type]  # f may be a file object (TorchScript exporter)
+            input_names=list(INPUTS), output_names=[*OUTPUTS, HIDDEN],
             dynamic_axes={"input_ids": {0: BATCH, 1: SEQ}, "state_in": {0: BATCH},
-                          "logits": {0: BATCH, 1: SEQ}, "state_out": {0: BATCH}},
+                          "logits": {0: BATCH, 1: SEQ}, "state_out": {0: BATCH}, HIDDEN: {0: BATCH, 1: SEQ}},
         )
     proto = onnx.load_from_string(buffer.getvalue())
     meta = {

@@ -8,24 +8,25 @@ is the state_out of the sequence's previous request, zeros at the sequence's sta
 input_ids, with the sequence_id / sequence_start / sequence_end parameters. The model needs no control
 inputs (START, READY, END, CORRID): the state is its only recurrence, and the zero initial state is all
 that a start means to it. state_out is also listed as an output, the way that document says a client
-may ask for the state (the onnxruntime backend then returns it as well as keeping it).
+may ask for the state (the onnxruntime backend then returns it as well as keeping it). A file with the
+optional `hidden` output (every layer's h after every character) lists it too, for a client that asks.
 
-The configuration is a function of the model's name and the sizes in the file's metadata_props alone
-(export/contract.py), so anything that has the file, a server too, can rebuild it. It is written by
-hand in protobuf text format; the suite parses it with the ModelConfig message tritonclient ships and
-checks each field against the ONNX graph. No Triton can run on our machines, so nothing here proves
-that Triton loads it.
+The configuration is a function of the model's name, the sizes in the file's metadata_props and whether
+its graph has `hidden` (export/contract.py), so anything that has the file, a server too, can rebuild
+it. It is written by hand in protobuf text format; the suite parses it with the ModelConfig message
+tritonclient ships and checks each field against the ONNX graph. No Triton can run on our machines, so
+nothing here proves that Triton loads it.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.contract import INPUTS, OUTPUTS
+from export.contract import HIDDEN, INPUTS, OUTPUTS
 from export.files import write_atomically
 
 VERSION = "1"  # the one version directory; charrnn's server reports the same version
@@ -48,12 +49,15 @@ class TritonModel:
     vocab_size: int
     num_layers: int
     state_size: int
+    hidden_size: int = 0  # of the `hidden` output; 0: the file has none (exported before it existed)
 
     @classmethod
-    def of(cls, meta: Mapping[str, str], name: str) -> TritonModel:
-        """From the file's metadata_props (as onnx or onnxruntime's custom_metadata_map gives them)."""
+    def of(cls, meta: Mapping[str, str], name: str, outputs: Iterable[str] = ()) -> TritonModel:
+        """From the file's metadata_props (as onnx or onnxruntime's custom_metadata_map gives them) and the
+        names of its graph outputs (only whether `hidden` is among them matters)."""
+        hidden = int(meta["hidden_size"]) if HIDDEN in outputs else 0
         return cls(name=name, vocab_size=len(json.loads(meta["vocab"])), num_layers=int(meta["num_layers"]),
-                   state_size=int(meta["state_size"]))
+                   state_size=int(meta["state_size"]), hidden_size=hidden)
 
 
 def check_name(name: str) -> str:
@@ -71,6 +75,12 @@ def _dims(values: list[int]) -> str:
 def config_pbtxt(model: TritonModel) -> str:
     """config.pbtxt for MODEL: dims exclude the batch dimension, -1 is the variable sequence length."""
     state = _dims([model.num_layers, model.state_size])
+    hidden = "" if not model.hidden_size else f''',
+  {{
+    name: "{HIDDEN}"
+    data_type: TYPE_FP32
+    dims: {_dims([-1, model.num_layers, model.hidden_size])}
+  }}'''
     return f'''\
 # Triton model configuration for charrnn's model.onnx, written by `python -m export --triton-repo`.
 # Triton keeps {STATE_IN}/{STATE_OUT} per sequence (implicit state, zeros at the start): send only
@@ -95,7 +105,7 @@ output [
     name: "{STATE_OUT}"
     data_type: TYPE_FP32
     dims: {state}
-  }}
+  }}{hidden}
 ]
 sequence_batching {{
   max_sequence_idle_microseconds: {IDLE_SECONDS * 1_000_000}

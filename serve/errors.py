@@ -52,6 +52,11 @@ class ModelError(ServeError):
         self.problem = problem
 
 
+class FailedPrecondition(ServeError):
+    """The request is well formed but the loaded model cannot answer it, e.g. a trace of a model file
+    exported before the `hidden` output existed: the message says what to do (export it again)."""
+
+
 class ModelChanged(ServeError):
     """The request continues something the server held for another model file than the one it serves
     now (a KServe sequence started before a reload): the client must start over."""

@@ -34,8 +34,20 @@ class Reference:
     def run(self, ids: np.ndarray, state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         if state is None:
             state = np.zeros((len(ids), *self.state_shape), dtype=np.float32)
-        logits, state_out = self.session.run(None, {"input_ids": ids.astype(np.int64), "state_in": state})
+        logits, state_out = self.session.run(["logits", "state_out"],
+                                             {"input_ids": ids.astype(np.int64), "state_in": state})
         return logits, state_out
+
+    def hidden(self, ids: np.ndarray, state: np.ndarray | None = None) -> np.ndarray:
+        """The file's `hidden` output: [batch, seq, num_layers, hidden_size]."""
+        if state is None:
+            state = np.zeros((len(ids), *self.state_shape), dtype=np.float32)
+        (hidden,) = self.session.run(["hidden"], {"input_ids": ids.astype(np.int64), "state_in": state})
+        return hidden
+
+    @property
+    def outputs(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
 
     def ids(self, text: str) -> list[int]:
         return [self.vocab.index(c) for c in text]

@@ -55,3 +55,23 @@ def interrupt_at_step(argv: list[str], at_step: int, interrupt: Callable[[subpro
             proc.kill()
             proc.wait()
     return proc.returncode, "".join(seen) + rest
+
+
+def strip_hidden(source: Path, target: Path) -> Path:
+    """The model file as export wrote it before issue 20: no `hidden` output, nor the nodes only it used."""
+    import onnx
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    kept = [o for o in graph.output if o.name != "hidden"]
+    del graph.output[:]
+    graph.output.extend(kept)
+    while True:
+        needed = {o.name for o in graph.output} | {i for n in graph.node for i in n.input}
+        dead = [n for n in graph.node if not any(out in needed for out in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    onnx.save(model, str(target))
+    return target

@@ -121,6 +121,17 @@ class CharRNN(nn.Module):
 
     def forward(self, ids: torch.Tensor, state: torch.Tensor,
                 noise: Noise | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, state_out, _ = self._run(ids, state, noise)
+        return logits, state_out
+
+    def trace(self, ids: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """forward's logits and state, and `hidden` [B, T, L, H]: every layer's h after every input id (for
+        LSTM the h half), what export writes as the graph's third output and the playground draws."""
+        logits, state_out, outputs = self._run(ids, state, None)
+        return logits, state_out, torch.stack(outputs, dim=2)
+
+    def _run(self, ids: torch.Tensor, state: torch.Tensor,
+             noise: Noise | None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         if state.dim() != 3 or state.shape[1] != len(self.layers):
             # the multi-layer module refused such a state itself; a stack would quietly read only its layers
             raise RuntimeError(f"Expected hidden state [batch, {len(self.layers)}, {self.config.state_size}], "
@@ -129,7 +140,7 @@ class CharRNN(nn.Module):
         if noise is not None and noise.input is not None:
             x = x * noise.input
         lstm = self.config.cell == "lstm"
-        states = []
+        states, outputs = [], []
         for i, layer in enumerate(self.layers):
             if i > 0:
                 # --dropout between layers, as nn.GRU's own did it: a new mask per element and time step
@@ -146,10 +157,11 @@ class CharRNN(nn.Module):
             else:
                 x, carried = layer(x, carried)
             states.append(torch.cat(carried, dim=2) if lstm else carried)
+            outputs.append(x)  # [B, T, H]: this layer's h at every step, before the next layer's dropout
         x = self.drop(x)
         if noise is not None and noise.output is not None:
             x = x * noise.output
-        return self.head(x), torch.cat(states, dim=0).transpose(0, 1)
+        return self.head(x), torch.cat(states, dim=0).transpose(0, 1), outputs
 
 
 def _upgrade_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:

@@ -9,6 +9,7 @@ import grpc
 
 from serve.errors import (
     EngineFailure,
+    FailedPrecondition,
     InvalidArgument,
     ModelChanged,
     ModelError,
@@ -33,6 +34,7 @@ _STATUS: dict[type[ServeError], tuple[grpc.StatusCode, int]] = {
     ModelError: (grpc.StatusCode.FAILED_PRECONDITION, 400),
     NotFound: (grpc.StatusCode.NOT_FOUND, 404),
     ModelChanged: (grpc.StatusCode.FAILED_PRECONDITION, 400),
+    FailedPrecondition: (grpc.StatusCode.FAILED_PRECONDITION, 400),
     StateFromAnotherModel: (grpc.StatusCode.FAILED_PRECONDITION, 400),
 }
 INTERNAL = (grpc.StatusCode.INTERNAL, 500, "internal error")

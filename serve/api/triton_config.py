@@ -4,7 +4,7 @@ REST binding's `/config` route returns as JSON (Triton's own JSON form of the sa
 from __future__ import annotations
 
 from serve.api.pb.inference import grpc_service_pb2 as pb
-from serve.service.inference import IDS, LOGITS, PLATFORM, STATE_IN, STATE_OUT, TritonConfig
+from serve.service.inference import HIDDEN, IDS, LOGITS, PLATFORM, STATE_IN, STATE_OUT, TritonConfig
 
 
 def model_config(config: TritonConfig) -> pb.ModelConfig:
@@ -24,5 +24,7 @@ def model_config(config: TritonConfig) -> pb.ModelConfig:
         name=config.name, platform=PLATFORM, max_batch_size=config.max_batch_size,
         input=[pb.ModelInput(name=IDS, data_type=pb.DataType.TYPE_INT64, dims=[-1])],
         output=[pb.ModelOutput(name=LOGITS, data_type=fp32, dims=[-1, config.vocab_size]),
-                pb.ModelOutput(name=STATE_OUT, data_type=fp32, dims=state)],
+                pb.ModelOutput(name=STATE_OUT, data_type=fp32, dims=state),
+                *([pb.ModelOutput(name=HIDDEN, data_type=fp32, dims=[-1, config.num_layers, config.hidden_size])]
+                  if config.hidden_size else [])],
         sequence_batching=batching)

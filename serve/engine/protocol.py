@@ -18,7 +18,7 @@ import numpy as np
 from serve.engine.runtime import ModelSpec
 
 if TYPE_CHECKING:
-    from serve.engine.stream import Stream
+    from serve.engine.stream import Stream, Traced
 
 
 class Finish(enum.IntEnum):
@@ -84,6 +84,10 @@ class Engine(Protocol):
         """The raw model call KServe's ModelInfer makes for one row: ids [T] from state [L, S]; always
         every row of logits [T, V] and the state after the last id, batched with every other caller's work
         (whatever Predict and Step come to need of `predict`)."""
+
+    async def trace(self, ids: np.ndarray, state: np.ndarray | None) -> Traced:
+        """predict's every row of logits and final state, and the model's `hidden` output for ids [T]:
+        [T, num_layers, hidden_size]. Only for a model that has it (spec.has_hidden)."""
 
 
 class Counter(Protocol):

@@ -2,15 +2,19 @@
 
 The contract (written by export/): inputs `input_ids` int64 [batch, seq] and `state_in` float32
 [batch, num_layers, state_size]; outputs `logits` float32 [batch, seq, vocab] and `state_out` float32
-[batch, num_layers, state_size]; metadata `vocab` (JSON list of characters), `cell`, `num_layers`,
+[batch, num_layers, state_size], and optionally `hidden` float32 [batch, seq, num_layers, hidden_size]
+(every layer's h after every character; files exported before it lack it and still serve, without the
+routes that show it); metadata `vocab` (JSON list of characters), `cell`, `num_layers`,
 `hidden_size`, `state_size`, plus optional provenance strings. A file that breaks it, or whose test call
 gives a NaN or an infinity, fails at start-up with ModelError naming the file, never on the first request.
 
 On CUDA the step batch's state stays on the device between steps (IOBinding); only logits come back.
+Generate never fetches `hidden` (onnxruntime computes it anyway: bench/hidden.py measures that cost).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,6 +33,8 @@ CELLS = ("rnn", "gru", "lstm")
 PROVENANCE = ("corpus", "steps", "val_loss", "torch_version", "exported_at", "producer")
 _INPUTS = {"input_ids": ("tensor(int64)", 2), "state_in": ("tensor(float)", 3)}
 _OUTPUTS = {"logits": ("tensor(float)", 3), "state_out": ("tensor(float)", 3)}
+HIDDEN = "hidden"
+_OPTIONAL = {HIDDEN: ("tensor(float)", 4)}
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
 
@@ -44,6 +50,7 @@ class ModelSpec:
     hidden_size: int
     state_size: int
     provenance: dict[str, str] = field(default_factory=dict)
+    has_hidden: bool = False  # the file has the optional `hidden` output
 
     @property
     def state_shape(self) -> tuple[int, int]:
@@ -103,9 +110,12 @@ def choose_providers(device: str) -> list[str]:
     raise DeviceError(f"unknown device {device!r} (auto, cpu or cuda)")
 
 
-def _check_signature(session: ort.InferenceSession, spec: ModelSpec) -> None:
+def _check_signature(session: ort.InferenceSession, spec: ModelSpec) -> bool:
+    """Checks the graph's interface against the contract and the metadata; True if it has `hidden`."""
+    outputs = {n.name for n in session.get_outputs()}
+    optional = {name: want for name, want in _OPTIONAL.items() if name in outputs}
     for kind, nodes, expected in (("input", session.get_inputs(), _INPUTS),
-                                  ("output", session.get_outputs(), _OUTPUTS)):
+                                  ("output", session.get_outputs(), {**_OUTPUTS, **optional})):
         found = {n.name: n for n in nodes}
         if kind == "input" and set(found) != set(expected):
             raise ModelError(spec.path, f"inputs are {sorted(found)}, expected {sorted(expected)}")
@@ -116,14 +126,19 @@ def _check_signature(session: ort.InferenceSession, spec: ModelSpec) -> None:
             if node.type != dtype or len(node.shape) != rank:
                 raise ModelError(spec.path, f"{kind} {name!r} is {node.type} rank {len(node.shape)}, "
                                             f"expected {dtype} rank {rank}")
-    static = {"state_in": (None, spec.num_layers, spec.state_size),
-              "state_out": (None, spec.num_layers, spec.state_size),
-              "logits": (None, None, len(spec.vocab))}
+    static: dict[str, tuple[int | None, ...]] = {
+        "state_in": (None, spec.num_layers, spec.state_size),
+        "state_out": (None, spec.num_layers, spec.state_size),
+        "logits": (None, None, len(spec.vocab)),
+    }
+    if optional:
+        static[HIDDEN] = (None, None, spec.num_layers, spec.hidden_size)
     nodes = {n.name: n for n in [*session.get_inputs(), *session.get_outputs()]}
     for name, dims in static.items():
         for axis, (want, got) in enumerate(zip(dims, nodes[name].shape, strict=True)):
             if want is not None and isinstance(got, int) and got != want:
                 raise ModelError(spec.path, f"{name} dimension {axis} is {got}, metadata says {want}")
+    return bool(optional)
 
 
 def read_model(path: str | Path) -> bytes:
@@ -160,7 +175,8 @@ class Runtime:
         self.provider = self.session.get_providers()[0]
         if device == "cuda" and self.provider != CUDA:
             raise DeviceError(f"--device cuda: onnxruntime fell back to {self.provider}")
-        _check_signature(self.session, self.spec)
+        if _check_signature(self.session, self.spec):
+            self.spec = dataclasses.replace(self.spec, has_hidden=True)
         self._on_cuda = self.provider == CUDA
         self._test_call()
 
@@ -171,8 +187,12 @@ class Runtime:
         vocab = len(self.spec.vocab)
         seq = max(3, vocab)  # batch 2 != seq, so the two dimensions cannot be confused
         ids = np.stack([np.arange(seq) % vocab, np.arange(seq)[::-1] % vocab]).astype(np.int64)
+        hidden_shape = (2, seq, self.spec.num_layers, self.spec.hidden_size)
         try:
-            logits, state = self.run(ids, self.zero_state(2))
+            if self.spec.has_hidden:
+                logits, state, hidden = self.run_hidden(ids, self.zero_state(2))
+            else:
+                (logits, state), hidden = self.run(ids, self.zero_state(2)), np.zeros(hidden_shape, np.float32)
         except Exception as error:  # noqa: BLE001 - any failure here means the file is unusable
             raise ModelError(self.spec.path, f"test run failed: {str(error).splitlines()[0]}") from None
         want_logits = (2, seq, vocab)
@@ -180,11 +200,12 @@ class Runtime:
         if logits.shape != want_logits or state.shape != want_state:
             raise ModelError(self.spec.path, f"test run gave logits {logits.shape} and state_out {state.shape}, "
                                              f"expected {want_logits} and {want_state}")
-        bad = {name: int(values.size - np.isfinite(values).sum()) for name, values in
-               (("logits", logits), ("state_out", state))}
-        if any(bad.values()):
-            found = " and ".join(f"{n} of {size} {name} values" for (name, n), size in
-                                 zip(bad.items(), (logits.size, state.size), strict=True) if n)
+        if hidden.shape != hidden_shape:
+            raise ModelError(self.spec.path, f"test run gave hidden {hidden.shape}, expected {hidden_shape}")
+        outputs = (("logits", logits), ("state_out", state), (HIDDEN, hidden))
+        bad = {name: (int(values.size - np.isfinite(values).sum()), values.size) for name, values in outputs}
+        if any(n for n, _ in bad.values()):
+            found = " and ".join(f"{n} of {size} {name} values" for name, (n, size) in bad.items() if n)
             raise ModelError(self.spec.path, f"test run gave non-finite outputs (NaN or infinity): {found}; "
                                              "the weights are damaged or training diverged")
 
@@ -195,6 +216,13 @@ class Runtime:
         """Feeds ids [batch, seq] from host state; returns host logits [batch, seq, V] and state_out."""
         logits, state_out = self.session.run(("logits", "state_out"), {"input_ids": ids, "state_in": state})
         return logits, state_out
+
+    def run_hidden(self, ids: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """run's outputs and hidden [batch, seq, num_layers, hidden_size]; only for a file that has it."""
+        assert self.spec.has_hidden, "the model file has no hidden output"
+        logits, state_out, hidden = self.session.run(("logits", "state_out", HIDDEN),
+                                                     {"input_ids": ids, "state_in": state})
+        return logits, state_out, hidden
 
     # The step batch's state lives in a "device state": a numpy array on CPU, an OrtValue on CUDA.
     def upload(self, state: np.ndarray) -> Any:

@@ -30,13 +30,13 @@ from serve.engine.prefill import Prefill
 from serve.engine.prompt_cache import PromptCache
 from serve.engine.protocol import Finish, StepMetrics
 from serve.engine.runtime import Runtime
-from serve.engine.stream import Job, Result, Stop, Stream
+from serve.engine.stream import Job, Result, Stop, Stream, Traced
 from serve.errors import EngineFailure, ServeError, Unavailable
 
 log = logging.getLogger(__name__)
 
 Work = Stream | Job | Stop
-JobOutcome = tuple[Job, Result | None, BaseException | None]  # (job, its result, or the error it failed with)
+JobOutcome = tuple[Job, Result | Traced | None, BaseException | None]  # (job, its result, or the error it failed with)
 # The top alternatives of the rows that asked for them: (row indices into the call's rows, token ids [m, K],
 # their log-probabilities [m, K]), K the largest number any of those rows asked for.
 Alternatives = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -173,8 +173,8 @@ class Scheduler:
                 fresh = [i for i in items if isinstance(i, Stream)]
                 riders: list[Job] = []
                 if self._active:  # one-character Predict/Step jobs ride along in the step call
-                    riders = [j for j in jobs if len(j.ids) == 1]
-                    jobs = [j for j in jobs if len(j.ids) != 1]
+                    riders = [j for j in jobs if len(j.ids) == 1 and not j.hidden]
+                    jobs = [j for j in jobs if len(j.ids) != 1 or j.hidden]
                 if jobs:
                     self._run_jobs(jobs)
                 if fresh:
@@ -227,20 +227,28 @@ class Scheduler:
 
     def _run_jobs(self, jobs: list[Job]) -> None:
         jobs = self._live(jobs)
-        for group in _group(jobs, lambda j: len(j.ids), self.max_batch):
+        # jobs that want `hidden` get calls of their own: the others need not fetch it
+        groups = [group for wants in (False, True)
+                  for group in _group([j for j in jobs if j.hidden == wants], lambda j: len(j.ids), self.max_batch)]
+        for group in groups:
             ids = np.stack([j.ids for j in group])
             state = self.runtime.zero_state(len(group))
             for i, job in enumerate(group):
                 if job.state is not None:
                     state[i] = job.state
+            hidden = None
             try:
-                logits, state_out = self._ort(self.runtime.run, ids, state)
+                if group[0].hidden:
+                    logits, state_out, hidden = self._ort(self.runtime.run_hidden, ids, state)
+                else:
+                    logits, state_out = self._ort(self.runtime.run, ids, state)
             except Exception:
                 log.exception("onnxruntime failed on a Predict/Step batch")
                 self.sink.results([(j, None, EngineFailure("model execution failed")) for j in group])
                 continue
             self.stats["job_calls"] += 1
-            self.sink.results([(j, j.result(logits[i], state_out[i]), None) for i, j in enumerate(group)])
+            self.sink.results([(j, j.result(logits[i], state_out[i], None if hidden is None else hidden[i]), None)
+                               for i, j in enumerate(group)])
 
     def _live(self, jobs: list[Job]) -> list[Job]:
         """The jobs whose callers still wait: one that has gone is dropped before its call."""

@@ -12,7 +12,7 @@ import collections
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -163,6 +163,7 @@ class Stream:
 
 
 Result = tuple[np.ndarray, np.ndarray]  # a job's logits [T, V] and its state after the last id
+Traced = tuple[np.ndarray, np.ndarray, np.ndarray]  # and hidden [T, num_layers, hidden_size] (a tracing job)
 
 
 @dataclass(eq=False)
@@ -171,21 +172,29 @@ class Job:
 
     future: where the thread engine's caller awaits the result; key: the job's id between the server
     and an engine process (which answers by id instead); last_only: only the last row of the logits
-    is wanted; dropped: the caller has gone (the engine process learns it from the server)."""
+    is wanted; hidden: the model's `hidden` output is wanted too (a Traced result; never a rider in a
+    step call, whose output it is not); dropped: the caller has gone (the engine process learns it from
+    the server)."""
 
     ids: np.ndarray
     state: np.ndarray | None
-    future: asyncio.Future[Result] | None = None
+    future: asyncio.Future[Any] | None = None
     key: int = 0
     last_only: bool = False
+    hidden: bool = False
     dropped: bool = False
 
     def cancelled(self) -> bool:
         return self.dropped or (self.future is not None and self.future.cancelled())
 
-    def result(self, logits: np.ndarray, state: np.ndarray) -> Result:
-        """What the caller gets from its rows of a call: logits [T, V], or [1, V] when last_only."""
-        return (logits[-1:] if self.last_only else logits), state
+    def result(self, logits: np.ndarray, state: np.ndarray, hidden: np.ndarray | None = None) -> Result | Traced:
+        """What the caller gets from its rows of a call: logits [T, V], or [1, V] when last_only; with
+        hidden [T, L, H] when the job asked for it."""
+        logits = logits[-1:] if self.last_only else logits
+        if self.hidden:
+            assert hidden is not None, "a tracing job ran in a call that did not fetch hidden"
+            return logits, state, hidden
+        return logits, state
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import numpy as np
 from serve.engine.protocol import EngineState, Finish, SamplingParams, StepMetrics
 from serve.engine.runtime import Runtime
 from serve.engine.scheduler import Alternatives, JobOutcome, Scheduler, Work
-from serve.engine.stream import Job, Result, Stop, Stream
+from serve.engine.stream import Job, Result, Stop, Stream, Traced
 from serve.errors import Unavailable
 from serve.ops.metrics import Metrics
 
@@ -184,3 +184,10 @@ class ThreadEngine:
 
     async def infer(self, ids: np.ndarray, state: np.ndarray) -> Result:
         return await self.predict(ids, state)  # a Job returns every row of logits
+
+    async def trace(self, ids: np.ndarray, state: np.ndarray | None) -> Traced:
+        self._check_running()
+        assert self._loop is not None
+        future: asyncio.Future[Traced] = self._loop.create_future()
+        self._inbox.queue.put(Job(ids, state, future, hidden=True))
+        return await future

@@ -132,7 +132,8 @@ class PipeInbox:
                 if cancelled is not None:
                     cancelled.cancelled = True
             elif type(record) is records.Predict:
-                job = jobs[record.job] = Job(record.ids, record.state, key=record.job, last_only=record.last_only)
+                job = jobs[record.job] = Job(record.ids, record.state, key=record.job, last_only=record.last_only,
+                                                hidden=record.hidden)
                 items.append(job)
             elif type(record) is records.Drop:
                 dropped = jobs.pop(record.job, None)

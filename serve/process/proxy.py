@@ -31,12 +31,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from serve.engine.protocol import EngineState, Finish, SamplingParams
 from serve.engine.runtime import ModelSpec, read_model
-from serve.engine.stream import Result, Stream
+from serve.engine.stream import Result, Stream, Traced
 from serve.errors import EngineFailure, EngineLost, ServeError, Unavailable
 from serve.ops.metrics import Metrics
 from serve.process import records
@@ -80,7 +81,7 @@ class ProcessEngine:
                       str(max_batch), "--max-delay-us", str(max_delay_us), "--window", str(window),
                       "--prompt-cache-mb", str(prompt_cache_mb), "--log-level", log_level]
         self._streams: dict[int, Stream] = {}
-        self._jobs: dict[int, asyncio.Future[Result]] = {}
+        self._jobs: dict[int, asyncio.Future[Any]] = {}  # of a Result, or a Traced for a trace
         self._next_id = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
@@ -268,20 +269,28 @@ class ProcessEngine:
         return stream
 
     async def predict(self, ids: np.ndarray, state: np.ndarray | None, last_only: bool = False) -> Result:
+        result: Result = await self._job(ids, state, last_only, hidden=False)
+        return result
+
+    async def infer(self, ids: np.ndarray, state: np.ndarray) -> Result:
+        return await self.predict(ids, state)  # a Predict record's Done carries every row of logits
+
+    async def trace(self, ids: np.ndarray, state: np.ndarray | None) -> Traced:
+        result: Traced = await self._job(ids, state, False, hidden=True)
+        return result
+
+    async def _job(self, ids: np.ndarray, state: np.ndarray | None, last_only: bool, hidden: bool) -> Any:
         self._check_running()
         assert self._loop is not None
         jid = self._new_id()
-        future: asyncio.Future[Result] = self._loop.create_future()
+        future: asyncio.Future[Any] = self._loop.create_future()
         self._jobs[jid] = future
-        self._send(records.Predict(jid, ids, state, last_only))
+        self._send(records.Predict(jid, ids, state, last_only, hidden))
         try:
             return await future
         finally:
             if self._jobs.pop(jid, None) is not None and self.running:  # no answer yet: the caller left
                 self._send(records.Drop(jid), quiet=True)
-
-    async def infer(self, ids: np.ndarray, state: np.ndarray) -> Result:
-        return await self.predict(ids, state)  # a Predict record's Done carries every row of logits
 
     def _new_id(self) -> int:
         self._next_id += 1
@@ -355,7 +364,8 @@ class ProcessEngine:
             elif type(record) is records.Done:
                 future = self._jobs.pop(record.job, None)
                 if future is not None and not future.done():
-                    future.set_result((record.logits, record.state))
+                    future.set_result((record.logits, record.state) if record.hidden is None else
+                                      (record.logits, record.state, record.hidden))
                 else:  # computed for a caller that had gone
                     self._stats["unclaimed_results"] += 1
             elif type(record) is records.Failed:
@@ -472,7 +482,7 @@ def _fail(streams: list[Stream], error: BaseException) -> None:
         stream.wake()
 
 
-def _reject(futures: list[asyncio.Future[Result]], error: BaseException) -> None:
+def _reject(futures: list[asyncio.Future[Any]], error: BaseException) -> None:
     for future in futures:
         if not future.done():
             future.set_exception(error)

@@ -48,12 +48,13 @@ class Cancel(NamedTuple):
 
 class Predict(NamedTuple):
     """A Predict/Step job: feed ids from state (None = zero state); last_only: answer with the last
-    row of logits only (Step)."""
+    row of logits only (Step); hidden: answer with the model's hidden output too (a trace)."""
 
     job: int
     ids: np.ndarray
     state: np.ndarray | None
     last_only: bool
+    hidden: bool = False
 
 
 class Drop(NamedTuple):
@@ -101,6 +102,7 @@ class Done(NamedTuple):
     job: int
     logits: np.ndarray
     state: np.ndarray
+    hidden: np.ndarray | None = None  # a trace's [T, num_layers, hidden_size]
 
 
 class Failure(NamedTuple):

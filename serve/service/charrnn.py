@@ -15,12 +15,15 @@ from serve.engine import sampling
 from serve.engine.protocol import Engine, SamplingParams
 from serve.engine.runtime import ModelSpec
 from serve.engine.stream import Stream
-from serve.errors import InvalidArgument
+from serve.errors import FailedPrecondition, InvalidArgument
 from serve.service.state_codec import StateCodec
 
 MAX_STOPS = 16        # each stop string is checked after every character: bound the per-character work
 MAX_STOP_CHARS = 256
 MAX_ALTERNATIVES = 20  # per character; OpenAI's completions allow 5, more is for the playground's view
+# A trace's text (HTTP /v1/trace): its answer holds num_layers x hidden_size floats per character, so 4096
+# characters of a 2 x 256 model are 8 MiB of float32; the playground's lesson texts are a few hundred.
+MAX_TRACE_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,15 @@ class Prediction:
     next: str
     probability: float
     top: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Predictions for a text with the model's hidden state after each of its characters."""
+
+    predictions: list[Prediction]
+    hidden: np.ndarray  # float32 [T, num_layers, hidden_size]: every layer's h (LSTM: the h half)
+    state: np.ndarray   # the recurrent state after the last character
 
 
 @dataclass(frozen=True)
@@ -136,6 +148,23 @@ class CharRNNService:
         """One prediction per character of text, from state (None = initial); returns the new state."""
         logits, state_out = await self.engine.predict(self._text_ids(text), state)
         return self._predictions(text, logits, top_k), state_out
+
+    def check_hidden(self) -> None:
+        """FailedPrecondition unless the model file has the `hidden` output."""
+        if not self.spec.has_hidden:
+            raise FailedPrecondition("this model file has no 'hidden' output (it was exported before charrnn "
+                                     "wrote one): export it again with `python -m export RUN_DIR` to see the "
+                                     "hidden state")
+
+    async def trace(self, text: str, top_k: int, state: np.ndarray | None = None,
+                    max_chars: int | None = None) -> Trace:
+        """Predict, with every layer's hidden state after each character. max_chars: a bound of the
+        caller's below --max-prompt-chars (the HTTP route's MAX_TRACE_CHARS)."""
+        self.check_hidden()
+        if max_chars is not None and len(text) > max_chars:
+            raise InvalidArgument(f"text is {len(text)} characters, the limit for a trace is {max_chars}", "text")
+        logits, state_out, hidden = await self.engine.trace(self._text_ids(text), state)
+        return Trace(self._predictions(text, logits, top_k), hidden, state_out)
 
     async def step(self, state: bytes, text: str, top_k: int) -> StepResult:
         """Predict with the state carried by the client as bytes."""

@@ -2,7 +2,8 @@
 
 ModelInfer runs the raw ONNX contract: `input_ids` INT64 [batch, seq] and `state_in` FP32
 [batch, num_layers, state_size] in (state_in left out = the zero state), `logits` FP32
-[batch, seq, vocab] and `state_out` FP32 [batch, num_layers, state_size] out. Each row of a batch is
+[batch, seq, vocab] and `state_out` FP32 [batch, num_layers, state_size] out, and where the model file has
+it `hidden` FP32 [batch, seq, num_layers, hidden_size] (only when asked for by name). Each row of a batch is
 one `Engine.infer` call, so the rows of every caller (Generate, Predict, Step, ModelInfer) batch
 together in the engine. Under a sequence (serve/service/sequences.py) the server holds the state.
 
@@ -32,7 +33,7 @@ DATATYPES: dict[str, np.dtype] = {
 VERSION = "1"  # --model's one version, as in the Triton repository export writes; a repository's is its number
 PLATFORM = "onnxruntime_onnx"
 IDS, STATE_IN = "input_ids", "state_in"
-LOGITS, STATE_OUT = "logits", "state_out"
+LOGITS, STATE_OUT, HIDDEN = "logits", "state_out", "hidden"
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class TritonConfig:
     vocab_size: int
     num_layers: int
     state_size: int
+    hidden_size: int  # of the `hidden` output; 0: the model file has none
     max_sequence_idle_microseconds: int
     max_candidate_sequences: int
     max_queue_delay_microseconds: int
@@ -100,7 +102,9 @@ class InferenceService:
         layers, size = self.spec.state_shape
         vocab = len(self.spec.vocab)
         self.inputs = (TensorSpec(IDS, "INT64", (-1, -1)), TensorSpec(STATE_IN, "FP32", (-1, layers, size)))
-        self.outputs = (TensorSpec(LOGITS, "FP32", (-1, -1, vocab)), TensorSpec(STATE_OUT, "FP32", (-1, layers, size)))
+        self.outputs = (TensorSpec(LOGITS, "FP32", (-1, -1, vocab)), TensorSpec(STATE_OUT, "FP32", (-1, layers, size)),
+                        *((TensorSpec(HIDDEN, "FP32", (-1, -1, layers, self.spec.hidden_size)),)
+                          if self.spec.has_hidden else ()))
         self._zero = np.zeros(self.spec.state_shape, dtype=np.float32)
         self._sequence_model = SequenceModel(self.spec.sha256, self._zero)  # sequences outlive a reload
         # ServerReady/ModelReady follow what gRPC health reports: not ready while the engine is replaced.
@@ -129,18 +133,21 @@ class InferenceService:
     def config(self, name: str, version: str = "") -> TritonConfig:
         self.check_model(name, version)
         layers, size = self.spec.state_shape
-        return TritonConfig(self.model_name, self.max_batch, len(self.spec.vocab), layers, size,
+        hidden = self.spec.hidden_size if self.spec.has_hidden else 0
+        return TritonConfig(self.model_name, self.max_batch, len(self.spec.vocab), layers, size, hidden,
                             round(self.sequences.idle_seconds * 1_000_000), self.sequences.max_sequences,
                             self.max_delay_us)
 
     async def infer(self, request: InferRequest) -> list[Tensor]:
-        """The requested outputs (by default all, or only logits under a sequence), in the model's order."""
+        """The requested outputs (by default logits and state_out, or only logits under a sequence; hidden
+        only when asked for), in the model's order."""
         self.check_model(request.model, request.version)
         ids, state = self._inputs(request.inputs)
         wanted = self._wanted(request.outputs, request.sequence is not None)
+        traced = HIDDEN in wanted
         control = request.sequence
         if control is None:
-            logits, state_out = await self._rows(ids, state)
+            found = await self._rows(ids, state, traced)
         else:
             if state is not None:
                 raise InvalidArgument(f"{STATE_IN}: not accepted with sequence_id: the server holds a sequence's "
@@ -148,28 +155,34 @@ class InferenceService:
             if ids.shape[0] != 1:
                 raise InvalidArgument(f"{IDS}: a request in a sequence has batch size 1, got shape {list(ids.shape)}")
 
-            async def one(held: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
-                out = await self._rows(ids, held[None])
-                return out, out[1][0]
-            logits, state_out = await self.sequences.run(control, one, self.model_name, self._sequence_model)
-        found = {LOGITS: logits, STATE_OUT: state_out}
+            async def one(held: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                out = await self._rows(ids, held[None], traced)
+                return out, out[STATE_OUT][0]
+            found = await self.sequences.run(control, one, self.model_name, self._sequence_model)
         return [Tensor(spec.name, spec.datatype, found[spec.name]) for spec in self.outputs if spec.name in wanted]
 
-    async def _rows(self, ids: np.ndarray, state: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """One engine call per row, all at once: the engine batches them (and with everyone else's)."""
+    async def _rows(self, ids: np.ndarray, state: np.ndarray | None, traced: bool) -> dict[str, np.ndarray]:
+        """One engine call per row, all at once: the engine batches them (and with everyone else's).
+        traced: the rows are traces, which also return `hidden`."""
         zero = self._zero
-        rows = await asyncio.gather(*(self.engine.infer(ids[i], zero if state is None else state[i])
-                                      for i in range(len(ids))))
-        return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+        engine = self.engine
+        rows: list[tuple[np.ndarray, ...]] = await asyncio.gather(*(
+            (engine.trace if traced else engine.infer)(ids[i], zero if state is None else state[i])
+            for i in range(len(ids))))
+        found = {LOGITS: np.stack([r[0] for r in rows]), STATE_OUT: np.stack([r[1] for r in rows])}
+        if traced:
+            found[HIDDEN] = np.stack([r[2] for r in rows])
+        return found
 
     def _wanted(self, requested: Sequence[str], in_sequence: bool) -> set[str]:
         known = {spec.name for spec in self.outputs}
         for name in requested:
             if name not in known:
-                raise InvalidArgument(f"output {name!r}: the model has no such output (it has {LOGITS}, {STATE_OUT})")
+                raise InvalidArgument(f"output {name!r}: the model has no such output (it has "
+                                      f"{', '.join(sorted(known))})")
         if requested:
             return set(requested)
-        return {LOGITS} if in_sequence else known
+        return {LOGITS} if in_sequence else {LOGITS, STATE_OUT}
 
     def _inputs(self, tensors: Sequence[Tensor]) -> tuple[np.ndarray, np.ndarray | None]:
         specs = {spec.name: spec for spec in self.inputs}

@@ -31,15 +31,16 @@ def test_contract_in_the_written_file(text_runs, cell):
     vocab = len(json.loads({p.key: p.value for p in model.metadata_props}["vocab"]))
     inputs = {v.name: v for v in model.graph.input}
     outputs = {v.name: v for v in model.graph.output}
-    assert list(inputs) == ["input_ids", "state_in"] and list(outputs) == ["logits", "state_out"]
+    assert list(inputs) == ["input_ids", "state_in"] and list(outputs) == ["logits", "state_out", "hidden"]
     assert inputs["input_ids"].type.tensor_type.elem_type == onnx.TensorProto.INT64
-    for v in (inputs["state_in"], outputs["logits"], outputs["state_out"]):
+    for v in (inputs["state_in"], outputs["logits"], outputs["state_out"], outputs["hidden"]):
         assert v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     # batch and seq are symbolic on inputs and outputs: nothing from the example input leaked in.
     assert _dims(inputs["input_ids"]) == ["batch", "seq"]
     assert _dims(inputs["state_in"]) == ["batch", 2, state]
     assert _dims(outputs["logits"]) == ["batch", "seq", vocab]
     assert _dims(outputs["state_out"]) == ["batch", 2, state]
+    assert _dims(outputs["hidden"]) == ["batch", "seq", 2, 32]  # h only, for lstm too
     assert violations(model) == []
 
 
@@ -75,11 +76,13 @@ def test_runs_at_any_batch_and_length_and_matches_pytorch(text_runs, cell):
     for batch, seq in ((1, 1), (7, 3), (2, 41), (64, 1)):
         ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=rng)
         state = torch.randn(batch, 2, model.config.state_size, generator=rng)
-        logits, new_state = sess.run(None, {"input_ids": ids.numpy(), "state_in": state.numpy()})
+        logits, new_state, hidden = sess.run(None, {"input_ids": ids.numpy(), "state_in": state.numpy()})
         with torch.no_grad():
-            want_logits, want_state = model(ids, state)
+            want_logits, want_state, want_hidden = model.trace(ids, state)
         assert np.abs(logits - want_logits.numpy()).max() <= 1e-4
         assert np.abs(new_state - want_state.numpy()).max() <= 1e-4
+        assert hidden.shape == (batch, seq, 2, 32) and np.abs(hidden - want_hidden.numpy()).max() <= 1e-4
+        assert np.array_equal(hidden[:, -1], new_state[:, :, :32])  # the last h is the state's h (lstm: then c)
 
 
 def test_exporter_keeps_the_recurrent_ops(text_runs):
@@ -107,6 +110,20 @@ def test_verify_catches_a_broken_graph(text_runs):
             node.CopyFrom(onnx.numpy_helper.from_array(arr, node.name))
     report = verify(proto, model)
     assert not report.ok and any("max |diff|" in p for p in report.problems)
+
+
+def test_hidden_is_optional_in_the_contract(text_runs):
+    """A file exported before `hidden` existed still conforms; a wrong hidden, or another output, does not."""
+    proto = onnx.load(str(text_runs["gru"] / "model.onnx"))
+    hidden = next(o for o in proto.graph.output if o.name == "hidden")
+    proto.graph.output.remove(hidden)
+    assert violations(proto) == []
+    proto.graph.output.append(hidden)  # a copy
+    hidden = proto.graph.output[-1]
+    hidden.type.tensor_type.shape.dim[3].dim_value = 31
+    assert violations(proto) == ["hidden has shape ['batch', 'seq', 2, 31], expected ['batch', 'seq', 2, 32]"]
+    hidden.name = "attention"
+    assert any("(and optionally hidden)" in p for p in violations(proto))
 
 
 def test_contract_violations_are_named(text_runs):
@@ -174,7 +191,7 @@ def test_contract_only_consumer_gets_ihello(hihell_run):
     assert "".join(vocab[i] for i in logits[0].argmax(-1)) == "ihello"
     state, stepped = zero, []
     for t in range(6):
-        step_logits, state = sess.run(None, {"input_ids": ids[:, t : t + 1], "state_in": state})
+        step_logits, state = sess.run(["logits", "state_out"], {"input_ids": ids[:, t : t + 1], "state_in": state})
         stepped.append(step_logits)
     assert np.abs(np.concatenate(stepped, axis=1) - logits).max() <= 1e-5
     assert np.abs(state - final).max() <= 1e-5
@@ -284,5 +301,5 @@ def test_parity_is_relative_to_the_outputs_size_above_one(text_runs):
     with torch.no_grad():
         model.head.weight.mul_(10000.0)
     report = verify(to_onnx(model, ckpt["vocab"], {}), model)
-    assert max(lo for lo, _ in report.parity.values()) > 1e-4  # an absolute 1e-4 would refuse this file
+    assert max(lo for lo, *_ in report.parity.values()) > 1e-4  # an absolute 1e-4 would refuse this file
     assert report.ok, report.problems

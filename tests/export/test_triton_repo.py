@@ -54,6 +54,7 @@ def check_against_onnx(config: dict, onnx_path, name: str) -> None:
     assert returned["logits"] == outputs["logits"] and returned["logits"][1][0] == -1
     for out, described in returned.items():
         assert outputs[out] == described, out
+    assert set(returned) == set(outputs)  # every graph output, hidden included
 
     batching = config["sequence_batching"]
     assert set(batching) == {"max_sequence_idle_microseconds", "oldest", "state"}  # no control_input
@@ -86,8 +87,10 @@ def test_export_writes_the_repository(text_runs, tmp_path):
 def test_every_cell_matches_its_file(text_runs, tmp_path):
     paths = []
     for cell, run in text_runs.items():
-        meta = {p.key: p.value for p in onnx.load(str(run / "model.onnx")).metadata_props}
-        model = TritonModel.of(meta, f"charrnn-{cell}")
+        graph = onnx.load(str(run / "model.onnx"))
+        meta = {p.key: p.value for p in graph.metadata_props}
+        model = TritonModel.of(meta, f"charrnn-{cell}", (o.name for o in graph.graph.output))
+        assert model.hidden_size == int(meta["hidden_size"])  # the file has `hidden`: the config lists it
         paths.append(tmp_path / f"{cell}.pbtxt")
         paths[-1].write_text(config_pbtxt(model), encoding="utf-8")
     configs = run_tritonside("parse_config.py", *map(str, paths))

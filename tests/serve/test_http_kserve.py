@@ -134,7 +134,7 @@ BAD = [
      "not a tensor shape"),
     ({"inputs": []}, 400, "non-empty list"),
     ({"inputs": [{"name": "input_ids", "shape": [1, 1], "datatype": "INT64", "data": [0]}],
-      "outputs": [{"name": "hidden"}]}, 400, "no such output"),
+      "outputs": [{"name": "attention"}]}, 400, "no such output"),
     ({"inputs": [{"name": "input_ids", "shape": [1, 1], "datatype": "INT64", "data": [0]}],
       "parameters": {"sequence_id": 5}}, 400, "sequence_start"),
     ({"inputs": [{"name": "input_ids", "shape": [1, 1], "datatype": "INT64",
@@ -163,3 +163,27 @@ def test_a_short_binary_body_is_refused(hihell_server):
     assert status == 400 and "holds 8 bytes" in json.loads(raw)["error"]
 
 
+
+
+def test_hidden_is_returned_when_asked_for_by_name(hihell_server, hihell):
+    """The REST binding's requested output `hidden` (JSON and binary): the file's own values; unasked, absent."""
+    ids = np.array([hihell.ids("hihell")], dtype=np.int64)
+    want = hihell.hidden(ids)
+    for binary in (False, True):
+        status, headers, raw = post(hihell_server, f"/v2/models/{MODEL}/infer", {
+            "inputs": [{"name": "input_ids", "shape": [1, 6], "datatype": "INT64", "data": ids.ravel().tolist()}],
+            "outputs": [{"name": "hidden", "parameters": {"binary_data": binary}}]})
+        assert status == 200, raw
+        if binary:
+            head = int(headers["inference-header-content-length"])
+            (out,) = json.loads(raw[:head])["outputs"]
+            assert out["name"] == "hidden" and out["parameters"]["binary_data_size"] == want.nbytes
+            got = np.frombuffer(raw[head:], dtype="<f4").reshape(want.shape)
+        else:
+            (out,) = json.loads(raw)["outputs"]
+            assert out["name"] == "hidden" and out["shape"] == list(want.shape) and out["datatype"] == "FP32"
+            got = np.array(out["data"], dtype=np.float32).reshape(want.shape)
+        assert np.abs(got - want).max() <= 1e-6
+    status, _, raw = post(hihell_server, f"/v2/models/{MODEL}/infer", {
+        "inputs": [{"name": "input_ids", "shape": [1, 6], "datatype": "INT64", "data": ids.ravel().tolist()}]})
+    assert status == 200 and [o["name"] for o in json.loads(raw)["outputs"]] == ["logits", "state_out"]

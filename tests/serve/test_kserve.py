@@ -57,10 +57,13 @@ def test_probes_and_metadata(hihell_server, hihell, hihell_model):
     assert model["name"] == "charrnn" and model["versions"] == ["1"] and model["platform"] == "onnxruntime_onnx"
     assert model["inputs"] == [{"name": "input_ids", "datatype": "INT64", "shape": ["-1", "-1"]},
                                {"name": "state_in", "datatype": "FP32", "shape": ["-1", layers, size]}]
+    hidden = hihell.meta["hidden_size"]
     assert model["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": ["-1", "-1", str(len(hihell.vocab))]},
-                                {"name": "state_out", "datatype": "FP32", "shape": ["-1", layers, size]}]
+                                {"name": "state_out", "datatype": "FP32", "shape": ["-1", layers, size]},
+                                {"name": "hidden", "datatype": "FP32", "shape": ["-1", "-1", layers, hidden]}]
     # ModelConfig is the configuration export writes into config.pbtxt for this file, field for field.
-    exported = text_format.Parse(config_pbtxt(TritonModel.of(hihell.meta, "charrnn")), pb.ModelConfig())
+    exported = text_format.Parse(config_pbtxt(TritonModel.of(hihell.meta, "charrnn", hihell.outputs)),
+                                 pb.ModelConfig())
     assert config["config"] == json_format.MessageToDict(exported, preserving_proto_field_name=True)
     assert unknown["error"]["status"] == NOT_FOUND and "'nope'" in unknown["error"]["message"]
 
@@ -89,6 +92,22 @@ def test_requested_outputs_are_honoured(hihell_server, hihell):
     assert set(only_state["outputs"]) == {"state_out"}
     _, state_out = hihell.run(np.array([hihell.ids("hi")]))
     assert np.abs(_array(only_state["outputs"]["state_out"]) - state_out).max() <= 1e-6
+
+
+def test_hidden_only_when_asked_for(hihell_server, hihell):
+    """`hidden` is listed but never sent unasked; asked for, it is the file's own output, under a sequence too."""
+    ids = np.array([hihell.ids("hihell")])
+    default, asked, in_sequence = triton(
+        hihell_server, {"op": "infer", "ids": ids.tolist()},
+        {"op": "infer", "ids": ids.tolist(), "outputs": ["logits", "hidden"]},
+        {"op": "infer", "ids": ids.tolist(), "outputs": ["hidden"], "sequence_id": 77, "start": True, "end": True})
+    assert set(default["outputs"]) == {"logits", "state_out"}
+    assert set(asked["outputs"]) == {"logits", "hidden"} and set(in_sequence["outputs"]) == {"hidden"}
+    want = hihell.hidden(ids)
+    for result in (asked, in_sequence):
+        got = _array(result["outputs"]["hidden"])
+        assert got.shape == want.shape == (1, 6, *hihell.state_shape)  # the seed lesson: 1 layer of 5 units
+        assert np.abs(got - want).max() <= 1e-6
 
 
 def test_a_hihell_sequence_gives_ihello(hihell_server, hihell):

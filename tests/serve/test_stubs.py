@@ -51,8 +51,8 @@ def test_the_fixed_names_and_numbers():
     assert _fields(pb.GenerateRequest) == dict(prompt=1, max_chars=2, temperature=3, top_k=4, top_p=5, seed=6,
                                                stop=7)
     assert _fields(pb.GenerateResponse) == dict(text=1, index=2, logprob=3, finish_reason=4)
-    assert _fields(pb.PredictRequest) == dict(text=1, top_k=2)
-    assert _fields(pb.PredictResponse) == dict(input=1, next=2, probability=3, top=4)
+    assert _fields(pb.PredictRequest) == dict(text=1, top_k=2, hidden=3)
+    assert _fields(pb.PredictResponse) == dict(input=1, next=2, probability=3, top=4, hidden=5)
     assert _fields(pb.Candidate) == dict(text=1, probability=2)
     assert _fields(pb.StepRequest) == dict(state=1, text=2, top_k=3)
     assert _fields(pb.StepResponse) == dict(state=1, next=2, probability=3, top=4)

@@ -58,6 +58,14 @@ class CharRNNServicer(pb_grpc.CharRNNServicer):
         state = None
         with self.models.use() as model:  # the state is this model's: the whole stream stays on it
             async for request in request_iterator:
+                if request.hidden:
+                    trace = await model.charrnn.trace(request.text, request.top_k, state)
+                    state = trace.state
+                    flat = trace.hidden.reshape(len(trace.predictions), -1)
+                    for p, h in zip(trace.predictions, flat, strict=True):
+                        yield pb.PredictResponse(input=p.input, next=p.next, probability=p.probability,
+                                                 top=_candidates(p), hidden=h)
+                    continue
                 predictions, state = await model.charrnn.predict(request.text, request.top_k, state)
                 for p in predictions:
                     yield pb.PredictResponse(input=p.input, next=p.next, probability=p.probability,

@@ -24,33 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%serve/api/pb/charrnn/v1/charrnn.proto\x12\ncharrnn.v1\"\xb5\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\tmax_chars\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"q\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.charrnn.v1.FinishReason\"-\n\x0ePredictRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\".\n\tCandidate\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"g\n\x0fPredictResponse\x12\r\n\x05input\x18\x01 \x01(\t\x12\x0c\n\x04next\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.charrnn.v1.Candidate\"9\n\x0bStepRequest\x12\r\n\x05state\x18\x01 \x01(\x0c\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\"d\n\x0cStepResponse\x12\r\n\x05state\x18\x01 \x01(\x0c\x12\x0c\n\x04next\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.charrnn.v1.Candidate\"\x15\n\x13GetModelInfoRequest\"\xc9\x02\n\tModelInfo\x12\r\n\x05vocab\x18\x01 \x03(\t\x12\x0c\n\x04\x63\x65ll\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nstate_size\x18\x05 \x01(\r\x12\x1a\n\x12\x65xecution_provider\x18\x06 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x07 \x01(\t\x12\x0e\n\x06\x63orpus\x18\x08 \x01(\t\x12\r\n\x05steps\x18\t \x01(\t\x12\x10\n\x08val_loss\x18\n \x01(\t\x12\x15\n\rtorch_version\x18\x0b \x01(\t\x12\x13\n\x0b\x65xported_at\x18\x0c \x01(\t\x12\x10\n\x08producer\x18\r \x01(\t\x12\x11\n\tmax_chars\x18\x0e \x01(\r\x12\x17\n\x0fproject_version\x18\x0f \x01(\t\x12\x15\n\rmodel_version\x18\x10 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\x9d\x02\n\x07\x43harRNN\x12G\n\x08Generate\x12\x1b.charrnn.v1.GenerateRequest\x1a\x1c.charrnn.v1.GenerateResponse0\x01\x12\x46\n\x07Predict\x12\x1a.charrnn.v1.PredictRequest\x1a\x1b.charrnn.v1.PredictResponse(\x01\x30\x01\x12\x39\n\x04Step\x12\x17.charrnn.v1.StepRequest\x1a\x18.charrnn.v1.StepResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.charrnn.v1.GetModelInfoRequest\x1a\x15.charrnn.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%serve/api/pb/charrnn/v1/charrnn.proto\x12\ncharrnn.v1\"\xb5\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\tmax_chars\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"q\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.charrnn.v1.FinishReason\"=\n\x0ePredictRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x0e\n\x06hidden\x18\x03 \x01(\x08\".\n\tCandidate\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"w\n\x0fPredictResponse\x12\r\n\x05input\x18\x01 \x01(\t\x12\x0c\n\x04next\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.charrnn.v1.Candidate\x12\x0e\n\x06hidden\x18\x05 \x03(\x02\"9\n\x0bStepRequest\x12\r\n\x05state\x18\x01 \x01(\x0c\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\"d\n\x0cStepResponse\x12\r\n\x05state\x18\x01 \x01(\x0c\x12\x0c\n\x04next\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.charrnn.v1.Candidate\"\x15\n\x13GetModelInfoRequest\"\xc9\x02\n\tModelInfo\x12\r\n\x05vocab\x18\x01 \x03(\t\x12\x0c\n\x04\x63\x65ll\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nstate_size\x18\x05 \x01(\r\x12\x1a\n\x12\x65xecution_provider\x18\x06 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x07 \x01(\t\x12\x0e\n\x06\x63orpus\x18\x08 \x01(\t\x12\r\n\x05steps\x18\t \x01(\t\x12\x10\n\x08val_loss\x18\n \x01(\t\x12\x15\n\rtorch_version\x18\x0b \x01(\t\x12\x13\n\x0b\x65xported_at\x18\x0c \x01(\t\x12\x10\n\x08producer\x18\r \x01(\t\x12\x11\n\tmax_chars\x18\x0e \x01(\r\x12\x17\n\x0fproject_version\x18\x0f \x01(\t\x12\x15\n\rmodel_version\x18\x10 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\x9d\x02\n\x07\x43harRNN\x12G\n\x08Generate\x12\x1b.charrnn.v1.GenerateRequest\x1a\x1c.charrnn.v1.GenerateResponse0\x01\x12\x46\n\x07Predict\x12\x1a.charrnn.v1.PredictRequest\x1a\x1b.charrnn.v1.PredictResponse(\x01\x30\x01\x12\x39\n\x04Step\x12\x17.charrnn.v1.StepRequest\x1a\x18.charrnn.v1.StepResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.charrnn.v1.GetModelInfoRequest\x1a\x15.charrnn.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'serve.api.pb.charrnn.v1.charrnn_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1068
-  _globals['_FINISHREASON']._serialized_end=1163
+  _globals['_FINISHREASON']._serialized_start=1100
+  _globals['_FINISHREASON']._serialized_end=1195
   _globals['_GENERATEREQUEST']._serialized_start=54
   _globals['_GENERATEREQUEST']._serialized_end=235
   _globals['_GENERATERESPONSE']._serialized_start=237
   _globals['_GENERATERESPONSE']._serialized_end=350
   _globals['_PREDICTREQUEST']._serialized_start=352
-  _globals['_PREDICTREQUEST']._serialized_end=397
-  _globals['_CANDIDATE']._serialized_start=399
-  _globals['_CANDIDATE']._serialized_end=445
-  _globals['_PREDICTRESPONSE']._serialized_start=447
-  _globals['_PREDICTRESPONSE']._serialized_end=550
-  _globals['_STEPREQUEST']._serialized_start=552
-  _globals['_STEPREQUEST']._serialized_end=609
-  _globals['_STEPRESPONSE']._serialized_start=611
-  _globals['_STEPRESPONSE']._serialized_end=711
-  _globals['_GETMODELINFOREQUEST']._serialized_start=713
-  _globals['_GETMODELINFOREQUEST']._serialized_end=734
-  _globals['_MODELINFO']._serialized_start=737
-  _globals['_MODELINFO']._serialized_end=1066
-  _globals['_CHARRNN']._serialized_start=1166
-  _globals['_CHARRNN']._serialized_end=1451
+  _globals['_PREDICTREQUEST']._serialized_end=413
+  _globals['_CANDIDATE']._serialized_start=415
+  _globals['_CANDIDATE']._serialized_end=461
+  _globals['_PREDICTRESPONSE']._serialized_start=463
+  _globals['_PREDICTRESPONSE']._serialized_end=582
+  _globals['_STEPREQUEST']._serialized_start=584
+  _globals['_STEPREQUEST']._serialized_end=641
+  _globals['_STEPRESPONSE']._serialized_start=643
+  _globals['_STEPRESPONSE']._serialized_end=743
+  _globals['_GETMODELINFOREQUEST']._serialized_start=745
+  _globals['_GETMODELINFOREQUEST']._serialized_end=766
+  _globals['_MODELINFO']._serialized_start=769
+  _globals['_MODELINFO']._serialized_end=1098
+  _globals['_CHARRNN']._serialized_start=1198
+  _globals['_CHARRNN']._serialized_end=1483
 # @@protoc_insertion_point(module_scope)

@@ -47,12 +47,14 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., index: _Optional[int] = ..., logprob: _Optional[float] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("text", "top_k")
+    __slots__ = ("text", "top_k", "hidden")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
     text: str
     top_k: int
-    def __init__(self, text: _Optional[str] = ..., top_k: _Optional[int] = ...) -> None: ...
+    hidden: bool
+    def __init__(self, text: _Optional[str] = ..., top_k: _Optional[int] = ..., hidden: _Optional[bool] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("text", "probability")
@@ -63,16 +65,18 @@ class Candidate(_message.Message):
     def __init__(self, text: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("input", "next", "probability", "top")
+    __slots__ = ("input", "next", "probability", "top", "hidden")
     INPUT_FIELD_NUMBER: _ClassVar[int]
     NEXT_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
     input: str
     next: str
     probability: float
     top: _containers.RepeatedCompositeFieldContainer[Candidate]
-    def __init__(self, input: _Optional[str] = ..., next: _Optional[str] = ..., probability: _Optional[float] = ..., top: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
+    hidden: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, input: _Optional[str] = ..., next: _Optional[str] = ..., probability: _Optional[float] = ..., top: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., hidden: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("state", "text", "top_k")
