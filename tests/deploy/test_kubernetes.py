@@ -23,7 +23,7 @@ from serve.ops.version import project_version
 
 KUBECTL = Path(sys.executable).parent / "kubectl"
 K8S = ROOT / "deploy/kubernetes"
-OVERLAYS = ["base", "overlays/gpu", "overlays/larger"]
+OVERLAYS = ["base", "overlays/gpu", "overlays/larger", "overlays/multinode"]
 # The oldest release whose schema has the preStop `sleep` action on by default, and the newest here.
 VERSIONS = ["1.30.0", "1.37.0"]
 NGINX = Path("/usr/sbin/nginx")
@@ -77,8 +77,9 @@ def kustomization(overlay: str = "base") -> dict:
 def test_every_rendered_object_validates_against_the_kubernetes_schema(overlay, version):
     docs = render(overlay)
     kinds = sorted(d["kind"] for d in docs)
+    extra = ["Service"] if overlay == "overlays/multinode" else []  # the training pods' headless Service
     assert kinds == sorted(["Namespace", "PersistentVolumeClaim", "Job", "Deployment", "Deployment", "Service",
-                            "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ConfigMap"]), kinds
+                            "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ConfigMap", *extra]), kinds
     for doc in docs:
         try:
             kubernetes_validate.validate(doc, version, strict=True)  # strict: an unknown field fails too
@@ -301,3 +302,29 @@ def test_the_gpu_overlay_asks_for_a_gpu_and_cuda():
     assert env(serve).keys() == env(container(pod("base", "Deployment", "charrnn-serve"), "serve")).keys()
     train = container(pod("overlays/gpu", "Job", "charrnn-train"), "train", "initContainers")
     assert train["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_the_multinode_job_runs_the_command_the_suite_runs():
+    """overlays/multinode: an Indexed Job of 2 pods, each torchrun with c10d rendezvous at pod 0 (its DNS
+    name from the headless Service the pods' subdomain names) and the base Job's trainer arguments, as
+    tests/train/test_multinode.py runs two launchers; pod 0 exports."""
+    job = one("overlays/multinode", "Job", "charrnn-train")["spec"]
+    assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"] == 2
+    spec = job["template"]["spec"]
+    service = one("overlays/multinode", "Service", "charrnn-train")
+    assert spec["subdomain"] == service["metadata"]["name"] and service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"].items() <= job["template"]["metadata"]["labels"].items()
+    train = container(spec, "train", "initContainers")
+    command = train["command"]
+    assert command[:3] == ["python", "-m", "torch.distributed.run"]
+    launcher, trainer = command[3:command.index("-m", 3)], command[command.index("-m", 3):]
+    assert trainer == container(pod("base", "Job", "charrnn-train"), "train", "initContainers")["command"][1:]
+    assert launcher == ["--nnodes=2", "--nproc-per-node=1", "--node-rank=$(JOB_COMPLETION_INDEX)",
+                        "--rdzv-backend=c10d", f"--rdzv-endpoint=charrnn-train-0.{spec['subdomain']}:29400",
+                        "--rdzv-id=charrnn-train"]
+    multinode_test = (ROOT / "tests/train/test_multinode.py").read_text()
+    assert all(flag.split("=")[0] in multinode_test for flag in launcher[:5])
+    index = "batch.kubernetes.io/job-completion-index"
+    assert index in env(train)["JOB_COMPLETION_INDEX"]["fieldRef"]["fieldPath"]
+    export = container(spec, "export")
+    assert 'if [ "$JOB_COMPLETION_INDEX" = 0 ]' in " ".join(export["command"])
