@@ -487,7 +487,8 @@ class _Run:
         with StopRequests(repeat_grace=1.0 if world.size > 1 else 0.0) as stops, \
                 progress.make(shown, run.log_every) as bar:
             if self.saved is None:
-                self.metrics.write_text("")
+                if world.main:  # rank 0 writes the run folder: on another node it need not exist at all
+                    self.metrics.write_text("")
                 if self.val_ids is not None:
                     self.validate(bar)  # step 0: where the untrained model stands, under both protocols
                 self.save_last()  # every run folder holds a last.pt, so any kill can be resumed
