@@ -31,24 +31,9 @@ import onnxruntime as ort
 # harness puts the repository root on sys.path
 from harness import build_model
 
+from export.contract import without_hidden
+
 OUTPUTS = ("logits", "state_out")
-
-
-def without_hidden(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with its `hidden` output and the nodes that only it used taken out."""
-    pruned = onnx.ModelProto()
-    pruned.CopyFrom(model)
-    graph = pruned.graph
-    kept = [o for o in graph.output if o.name != "hidden"]
-    del graph.output[:]
-    graph.output.extend(kept)
-    while True:
-        needed = {o.name for o in graph.output} | {i for n in graph.node for i in n.input}
-        dead = [n for n in graph.node if not any(out in needed for out in n.output)]
-        if not dead:
-            return pruned
-        for node in dead:
-            graph.node.remove(node)
 
 
 def session(data: bytes) -> ort.InferenceSession:

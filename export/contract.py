@@ -85,3 +85,21 @@ def violations(model: onnx.ModelProto) -> list[str]:
             if dims_of(got[name]) != want[name]:
                 problems.append(f"{name} has shape {dims_of(got[name])}, expected {want[name]}")
     return problems
+
+
+def without_hidden(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model without its optional `hidden` output, nor the nodes only it used: a file as
+    export wrote it before that output existed (for tests and bench/hidden.py)."""
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    graph = pruned.graph
+    kept = [o for o in graph.output if o.name != HIDDEN]
+    del graph.output[:]
+    graph.output.extend(kept)
+    while True:
+        needed = {o.name for o in graph.output} | {i for n in graph.node for i in n.input}
+        dead = [n for n in graph.node if not any(out in needed for out in n.output)]
+        if not dead:
+            return pruned
+        for node in dead:
+            graph.node.remove(node)

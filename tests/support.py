@@ -61,17 +61,7 @@ def strip_hidden(source: Path, target: Path) -> Path:
     """The model file as export wrote it before issue 20: no `hidden` output, nor the nodes only it used."""
     import onnx
 
-    model = onnx.load(str(source))
-    graph = model.graph
-    kept = [o for o in graph.output if o.name != "hidden"]
-    del graph.output[:]
-    graph.output.extend(kept)
-    while True:
-        needed = {o.name for o in graph.output} | {i for n in graph.node for i in n.input}
-        dead = [n for n in graph.node if not any(out in needed for out in n.output)]
-        if not dead:
-            break
-        for node in dead:
-            graph.node.remove(node)
-    onnx.save(model, str(target))
+    from export.contract import without_hidden
+
+    onnx.save(without_hidden(onnx.load(str(source))), str(target))
     return target
