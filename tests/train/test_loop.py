@@ -78,7 +78,10 @@ def test_budgets_stop_training(tmp_path, tiny_corpus):
     by_epoch = _train(tmp_path / "e", tiny_corpus, epochs=2)
     assert by_epoch["epochs"] == 2
     timed = _train(tmp_path / "t", tiny_corpus, time_budget=1.0, steps=10_000)
-    assert 0 < timed["steps"] < 10_000 and timed["seconds"] < 10
+    # The budget counts training steps only (train_seconds): it ends them just past 1 s. The wall clock adds
+    # start-up and evaluation, which a busy machine stretches (10.09 s once in CI's shoes), so it only
+    # bounds a hang.
+    assert 0 < timed["steps"] < 10_000 and 1.0 <= timed["train_seconds"] < 5 and timed["seconds"] < 60
 
 
 def test_state_is_carried_across_windows_and_reset_per_epoch(tmp_path, tiny_corpus, monkeypatch):
