@@ -32,6 +32,9 @@ def start(model, *args: str, stderr=subprocess.PIPE) -> tuple[subprocess.Popen, 
         pytest.fail(f"no ready line: {lines!r} {proc.communicate()[1]}")
     if "-1" not in args:  # printed right after the first: no wait
         lines.append(proc.stdout.readline().rstrip("\n"))
+        if not HTTP.match(lines[1]):  # fail here, where the process is still ours to stop
+            proc.kill()
+            pytest.fail(f"no HTTP line: {lines!r} {proc.communicate()[1]}")
     return proc, lines
 
 
