@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kserve_reference import Reference
 from live import LiveServer, serve_model
 
 
@@ -39,3 +40,14 @@ def unbatched_server(text_model: Path) -> Iterator[LiveServer]:
 def lstm_server(text_runs: dict[str, Path]) -> Iterator[LiveServer]:
     """state_size = 2 * hidden_size: the codec and the engine must not assume hidden_size."""
     yield from serve_model(text_runs["lstm"] / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def hihell(hihell_model: Path) -> Reference:
+    """onnxruntime on the lesson's model file: what both KServe bindings' answers must agree with."""
+    return Reference(hihell_model)
+
+
+@pytest.fixture(scope="module")
+def text(text_model: Path) -> Reference:
+    return Reference(text_model)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
 from google.protobuf import json_format
-from kserve_reference import Reference, _argmax, _array, random_inputs
+from kserve_reference import _argmax, _array, random_inputs
 from live import LiveServer, post
 from tritonenv import run_tritonside
 
@@ -22,16 +21,6 @@ MODEL = "charrnn"
 
 def triton_http(server: LiveServer, *calls: dict) -> list[dict]:
     return run_tritonside("kserve_http.py", server.http_url.removeprefix("http://"), stdin=list(calls))
-
-
-@pytest.fixture(scope="module")
-def hihell(hihell_model: Path) -> Reference:
-    return Reference(hihell_model)
-
-
-@pytest.fixture(scope="module")
-def text(text_model: Path) -> Reference:
-    return Reference(text_model)
 
 
 def test_tritonclient_http_probes_and_metadata_match_grpc(hihell_server):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from google.protobuf import json_format, text_format
-from kserve_reference import Reference, _argmax, _array, random_inputs
+from kserve_reference import _argmax, _array, random_inputs
 from live import LiveServer, serve_model
 from prometheus_client.parser import text_string_to_metric_families
 from tritonenv import run_tritonside
@@ -28,16 +28,6 @@ INVALID, NOT_FOUND, EXHAUSTED = "StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_F
 
 def triton(server: LiveServer, *calls: dict) -> list[dict]:
     return run_tritonside("kserve.py", server.target, stdin=list(calls))
-
-
-@pytest.fixture(scope="module")
-def hihell(hihell_model: Path) -> Reference:
-    return Reference(hihell_model)
-
-
-@pytest.fixture(scope="module")
-def text(text_model: Path) -> Reference:
-    return Reference(text_model)
 
 
 @pytest.fixture(scope="module")
