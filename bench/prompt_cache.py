@@ -134,8 +134,11 @@ def main() -> int:
         return statistics.median(results[(name, key)])
 
     def ratios(key: str, gain: Callable[[float, float], float]) -> str:
-        each = [gain(off, on) for off, on in zip(results[("cache off", key)], results[("cache on", key)],
-                                                  strict=True)]
+        pairs = list(zip(results[("cache off", key)], results[("cache on", key)], strict=True))
+        if any(0.0 in pair for pair in pairs):
+            # CPU seconds come from /proc in clock ticks (10 ms): a short run can read 0 on one side
+            return "     n/a  (a round measured 0: below the clock tick; run more calls)"
+        each = [gain(off, on) for off, on in pairs]
         return f"{statistics.median(each):8.2f}x  (rounds {min(each):.2f}..{max(each):.2f})"
 
     def faster(off: float, on: float) -> float:
