@@ -4,6 +4,7 @@ default) and with --engine thread, side by side in one run (issue 23).
 
     .venv/bin/python bench/breakdown.py                      # GRU 2x256 vocab 65 (random weights)
     .venv/bin/python bench/breakdown.py --rounds 3 --streams 1,64 --engines process,thread
+    git worktree add /tmp/before 651bf6a && .venv/bin/python bench/breakdown.py --before /tmp/before --engines process
 
 Method. Every server runs every load twice, from a separate client process (bench/load.py):
   1. unobserved: the characters per second and the CPU seconds of each of the server's processes
@@ -27,6 +28,9 @@ not CPU, and are dropped. A sample belongs to the first bucket that its innermos
   gc             Python's cyclic garbage collector
   other          everything else (the interpreter between frames, unnamed C frames)
 
+With --before CHECKOUT, every server is measured a second time from that checkout of this repository (e.g.
+the commit before a change), in the same run: its columns say "before".
+
 The client's CPU per character is printed beside the server's: on 2 cores the three processes (client,
 server, engine) share the machine, so every microsecond anywhere is a microsecond less for the others.
 """
@@ -47,7 +51,7 @@ import time
 from pathlib import Path
 
 # harness puts the repository root on sys.path
-from harness import ServerProcess, build_model, load, measure
+from harness import ROOT, ServerProcess, build_model, load, measure
 
 BUCKETS = ("onnxruntime", "sampling", "scheduler", "engine hop", "metrics", "gRPC/protobuf", "service",
            "event loop", "gc", "other")
@@ -125,37 +129,40 @@ def main() -> int:
     p.add_argument("--engines", default="process,thread", help="comma-separated: process, thread")
     p.add_argument("--rounds", type=int, default=1, help="unobserved passes per load (medians)")
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    p.add_argument("--before", type=Path, help="another checkout of this repository: its servers too, as 'before'")
     args = p.parse_args()
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not os.path.exists(pyspy):
         print("py-spy not found: `make install` puts it in .venv (requirements/dev.txt)", file=sys.stderr)
         return 2
     counts = [int(n) for n in args.streams.split(",")]
-    engines = args.engines.split(",")
+    checkouts = [("", ROOT)] + ([(" before", args.before.resolve())] if args.before else [])
+    engines = [(engine + label, engine, cwd) for engine in args.engines.split(",") for label, cwd in checkouts]
     results: dict[tuple[str, int], dict] = {}
     with tempfile.TemporaryDirectory(prefix="charrnn-bench-breakdown-") as tmp:
         model = args.model or build_model(Path(tmp), hidden=args.hidden)[0]
-        for engine in engines:
-            server = ServerProcess(engine, [sys.executable, "-m", "serve", "--model", str(model), "--device", "cpu",
-                                            "--port", "0", "--http-port", "-1", "--engine", engine,
-                                            "--log-level", "WARNING"])
+        for name, engine, cwd in engines:
+            server = ServerProcess(name, [sys.executable, "-m", "serve", "--model", str(model), "--device", "cpu",
+                                          "--port", "0", "--http-port", "-1", "--engine", engine,
+                                          "--log-level", "WARNING"], cwd=cwd)
             try:
                 for streams in counts:
                     per_stream = max(1, args.chars // streams)
                     load(server.target, streams, min(per_stream, 50))  # warm-up
                     rounds = [measure(server, streams, per_stream, 1) for _ in range(args.rounds)]
                     raw = profile(pyspy, server, streams, per_stream, args.rate)
-                    results[(engine, streams)] = {"rounds": rounds, "shares": parse(raw)}
-                    print(f"{engine} engine, {streams} streams: done", file=sys.stderr, flush=True)
+                    results[(name, streams)] = {"rounds": rounds, "shares": parse(raw)}
+                    print(f"{name}, {streams} streams: done", file=sys.stderr, flush=True)
             finally:
                 server.stop()
 
     print(f"cpus {os.cpu_count()}; model {args.model or f'GRU 2x{args.hidden} vocab 65'}; "
           f"{args.chars} chars per load; {args.rounds} unobserved rounds (medians); py-spy at {args.rate}/s")
     print("server CPU microseconds per character, by where it went (engine process + server process):\n")
-    columns = [(engine, streams) for engine in engines for streams in counts]
-    head = "".join(f"{f'{e} x{n}':>16}" for e, n in columns)
-    print(f"{'':16}{head}")
+    columns = [(name, streams) for name, _, _ in engines for streams in counts]
+    print(f"{'':16}" + "".join(f"{e.split()[0] + ' x' + str(n):>16}" for e, n in columns))
+    if args.before:
+        print(f"{'':16}" + "".join(f"{'(before)' if e.endswith('before') else '':>16}" for e, _ in columns))
 
     def med(key: tuple[str, int], field: str) -> float:
         values = [r[field] for r in results[key]["rounds"] if r.get(field) is not None]
@@ -174,8 +181,8 @@ def main() -> int:
     for bucket in BUCKETS:
         print(f"{bucket:16}" + "".join(f"{split[key].get(bucket, 0.0):16.1f}" for key in columns))
     print(f"{'= server':16}" + "".join(f"{med(key, 'server_us'):16.1f}" for key in columns))
-    print(f"{'  engine process':16}" + "".join(
-        f"{med(key, 'engine_us'):16.1f}" if key[0] == "process" else f"{'(in server)':>16}" for key in columns))
+    print(f"{'  engine process':16}" + "".join(f"{med(key, 'engine_us'):16.1f}" if key[0].startswith("process")
+                                                 else f"{'(in server)':>16}" for key in columns))
     print(f"{'client':16}" + "".join(f"{med(key, 'client_us'):16.1f}" for key in columns))
     print(f"{'chars/s':16}" + "".join(f"{med(key, 'chars_per_s'):16.0f}" for key in columns))
     print(f"{'ttfc p50 ms':16}" + "".join(f"{med(key, 'ttfc_p50_ms'):16.2f}" for key in columns))
