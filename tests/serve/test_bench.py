@@ -1,5 +1,5 @@
-"""bench/serve.py as the README runs it, shrunk: every server starts, every load completes without
-errors, and the report has its rows and ratios. Speed is not judged here (see the README)."""
+"""bench/serve.py as docs/performance.md runs it, shrunk: every server starts, every load completes without
+errors, and the report has its rows and ratios. Speed is not judged here (see docs/performance.md)."""
 
 from __future__ import annotations
 
