@@ -30,6 +30,8 @@ outer-scope values); the quantizer finds them there with EnableSubgraph (export/
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 import torch
@@ -154,11 +156,11 @@ class _Builder:
     def ints(self, values: list[int]) -> str:
         return self.const(self.name("ints"), np.array(values, np.int64))
 
-    def node(self, op: str, inputs: list[str], out: str | None = None, **attrs: object) -> str:
+    def node(self, op: str, inputs: list[str], out: str | None = None, **attrs: Any) -> str:
         return self.split(inputs, 1, op=op, out=out, **attrs)[0]
 
     def split(self, inputs: list[str], count: int, op: str = "Split", out: str | None = None,
-              **attrs: object) -> list[str]:
+              **attrs: Any) -> list[str]:
         """An op of count outputs (Split by default: equal parts unless inputs give the sizes)."""
         names = [out] if out is not None else [self.name(op.lower()) for _ in range(count)]
         self.nodes.append(helper.make_node(op, inputs, names, name=self.name(op), **attrs))
