@@ -12,8 +12,8 @@ nothing is published when the bytes equal the newest version's, so exporting an 
 again is a no-op (the export is reproducible: exported_at is when training saved the weights).
 
 --quantize int8 writes RUN_DIR/model.int8.onnx (or --out) instead of model.onnx: the same contract, its step
-on int8 weights (export/int8.py), judged against PyTorch on log-probabilities within
-export.int8.LOGPROB_TOLERANCE after the float export's own checks pass. It does not combine with
+on int8 weights (export/int8.py), judged against PyTorch on the next-character distribution
+(KL within export.int8.KL_TOLERANCE) and the state after the float export's own checks pass. It does not combine with
 --repository or --triton-repo (see the error they give).
 
 Exit status: 0 when the file conforms to the contract and matches PyTorch within 1e-4 (relative to the
@@ -36,7 +36,7 @@ import onnx
 from export import repository
 from export.check import TOLERANCE, verify
 from export.files import write_atomically
-from export.int8 import LOGPROB_TOLERANCE, QuantizeError, quantize, verify_int8
+from export.int8 import KL_TOLERANCE, STATE_TOLERANCE, QuantizeError, quantize, verify_int8
 from export.scan_graph import scan_graph
 from export.to_onnx import ExportError, provenance_of, rebuild, to_onnx
 from export.triton_repo import TritonModel, check_name, write_repository
@@ -183,8 +183,8 @@ def _write_int8(model: CharRNN, reference: onnx.ModelProto, out: Path | None, un
         return 1
     data = proto.SerializeToString()
     write_atomically(out, data)
-    print(f"wrote {out} ({len(data) / 1024:.0f} KiB); int8 checks within {LOGPROB_TOLERANCE:g} nats of PyTorch's "
-          "log-probabilities")
+    print(f"wrote {out} ({len(data) / 1024:.0f} KiB); int8 checks within KL {KL_TOLERANCE:g} nats and state "
+          f"{STATE_TOLERANCE:g} of PyTorch")
     return 0
 
 
