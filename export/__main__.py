@@ -12,9 +12,9 @@ nothing is published when the bytes equal the newest version's, so exporting an 
 again is a no-op (the export is reproducible: exported_at is when training saved the weights).
 
 --quantize int8 writes RUN_DIR/model.int8.onnx (or --out) instead of model.onnx: the same contract, its step
-on int8 weights (export/int8.py), judged against PyTorch on the next-character distribution
-(KL within export.int8.KL_TOLERANCE) and the state after the float export's own checks pass. It does not combine with
---repository or --triton-repo (see the error they give).
+on int8 weights (export/int8.py). Once the float export's own checks pass, the int8 file is judged against
+PyTorch on the next-character distribution (KL) and the state (RMS), within export/int8.py's tolerances;
+exit status 1 when it departs further. It does not combine with --repository or --triton-repo.
 
 Exit status: 0 when the file conforms to the contract and matches PyTorch within 1e-4 (relative to the
 outputs' size where they exceed 1); 1 when the exporter or a check fails, NaN or infinite weights or
