@@ -2,20 +2,29 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# Two stamps in one .venv: STAGES_STAMP once the three stages' requirements are in (all `make demo` and
+# `make playground` need), STAMP once everything the suite needs is (dev.txt); `make test` completes a
+# .venv that `make demo` made.
+STAGES_STAMP := $(VENV)/.stages-stamp
 STAMP  := $(VENV)/.installed-stamp
 TRITON_VENV  := .venv-triton
 TRITON_STAMP := $(TRITON_VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo
 DEMO_BUDGET ?= 180
 
-.PHONY: install lint test test-slow test-containers demo playground screenshots protos clean
+.PHONY: install lint test test-slow test-containers demo playground screenshots docs protos clean
 
 NODE_STAMP := clients/node/node_modules/.package-lock.json
 
 install: $(STAMP) $(TRITON_STAMP) node-install
 
-$(STAMP): requirements/train.txt requirements/export.txt requirements/serve.txt requirements/dev.txt
+# train.txt comes in through export.txt; serve.txt is onnxruntime, grpcio and the HTTP side (no torch).
+$(STAGES_STAMP): requirements/train.txt requirements/export.txt requirements/serve.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements/export.txt -r requirements/serve.txt
+	touch $(STAGES_STAMP)
+
+$(STAMP): $(STAGES_STAMP) requirements/dev.txt requirements/docs.txt
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements/dev.txt
 	touch $(STAMP)
 
@@ -58,8 +67,9 @@ test-containers: install
 
 # train (short) -> export -> start the server on a free port -> stream a sample through the client -> stop.
 # --resume auto: a second `make demo` keeps the finished run (or continues an interrupted one); retrain from
-# scratch with `rm -rf runs/demo` or `python -m train ... --overwrite`.
-demo: install
+# scratch with `rm -rf runs/demo` or `python -m train ... --overwrite`. It installs the stages only: not the
+# test tools, .venv-triton or the Node.js client's modules, which the demo never uses.
+demo: $(STAGES_STAMP)
 	$(BIN)/python -m train --time-budget $(DEMO_BUDGET) --out $(DEMO_DIR) --resume auto
 	$(BIN)/python -m export $(DEMO_DIR)
 	@$(BIN)/python -m serve --model $(DEMO_DIR)/model.onnx --port 0 >$(DEMO_DIR)/serve.log 2>&1 & pid=$$!; \
@@ -77,7 +87,7 @@ demo: install
 MODEL ?= demo
 LESSON_DIR ?= runs/hihell
 PLAYGROUND_PORT ?= 8000
-playground: install
+playground: $(STAGES_STAMP)
 	@set -e; if [ "$(MODEL)" = lesson ]; then dir=$(LESSON_DIR); \
 		test -f $$dir/checkpoint.pt || $(BIN)/python -m train --corpus hihell --out $$dir; \
 	else dir=$(DEMO_DIR); \
@@ -87,12 +97,17 @@ playground: install
 	$(BIN)/python -m serve --model $$dir/model.onnx --port 0 --http-port $(PLAYGROUND_PORT) 2>&1 | \
 		sed -u 's|^charrnn http on \(.*\)|&\nplayground: open \1/ in a browser (Ctrl-C stops the server)|'
 
-# The README's pictures of the playground: the browser tests, writing their screenshots into docs/img
+# The documentation's pictures of the playground: the browser tests, writing their screenshots into docs/img
 # (elsewhere they go to a temporary folder, so that `make test` leaves the tree clean), with the demo
 # model where there is one (`make demo` trains it), else the suite's tiny model.
 screenshots: install
 	CHARRNN_SCREENSHOTS=docs/img CHARRNN_PLAYGROUND_MODEL=$$(test -f $(DEMO_DIR)/model.onnx && echo $(DEMO_DIR)/model.onnx) \
 		$(BIN)/python -m pytest -q tests/serve/test_playground.py
+
+# The documentation site (mkdocs.yml, docs/) built into site/, which git ignores; open site/index.html.
+# `make test` builds it too, with --strict (tests/docs/test_site.py), so a broken link fails the suite.
+docs: $(STAMP)
+	$(BIN)/python -m mkdocs build --strict
 
 # Regenerates the committed gRPC stubs in serve/api/pb/ from protos/. The -I mapping places each proto at
 # serve/api/pb/<its path> for protoc (e.g. serve/api/pb/charrnn/v1/charrnn.proto), so generated imports
@@ -108,4 +123,4 @@ protos:
 		$(PROTOS)
 
 clean:
-	rm -rf $(VENV) $(TRITON_VENV) runs clients/node/node_modules
+	rm -rf $(VENV) $(TRITON_VENV) runs site clients/node/node_modules

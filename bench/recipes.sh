@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The tiny-shakespeare recipes the README quotes, and the runs that chose them, each ready to run again.
+# The tiny-shakespeare recipes docs/training.md quotes, and the runs that chose them, each ready to run again.
 #
 #   bench/recipes.sh ../shared/data/tinyshakespeare.txt [NAME ...]     # the named recipes (default: the two CPU ones)
 #
@@ -22,7 +22,7 @@ declare -A RECIPES=(
   [cpu-1200]="--threads 2 --hidden 512 --dropout 0.2 --batch-size 32 --seq-len 64 --eval-every 500 --time-budget 1200"
   # a lent GPU machine, goal windowed <= 1.35: NOT MEASURED (no GPU was lent to the task that wrote it)
   [gpu-1200]="--device cuda --dtype bfloat16 --cell lstm --layers 3 --hidden 1024 --batch-size 128 --seq-len 256 --dropout 0.25 --lr 2e-3 --time-budget 1200 --eval-every 500"
-  # --- the 131 s runs that chose the CPU defaults and the recipe (README, "CPU defaults, measured") ---
+  # --- the 131 s runs that chose the CPU defaults and the recipe (docs/performance.md, "CPU defaults, measured") ---
   [cpu-131-earlier-defaults]="--threads 1 --seq-len 128 --time-budget 131"                             # 1.6073 / 1.5848
   [cpu-131-t2]="--threads 2 --seq-len 128 --time-budget 131"                                           # 1.5530 / 1.5272
   [cpu-131-b64t64]="--threads 2 --batch-size 64 --seq-len 64 --time-budget 131"                        # 1.5250 / 1.4960

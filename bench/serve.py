@@ -38,44 +38,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 # harness puts the repository root on sys.path
-from harness import ROOT, ServerProcess, build_int8, build_model, cpu_seconds, load_columns
-
-HTTP = 0  # a config's connection count that means: the HTTP load (one connection per stream) on the HTTP port
-
-
-def load(target: str, streams: int, chars: int, connections: int = 1) -> dict:
-    how = ["--http"] if connections == HTTP else ["--connections", str(connections)]
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "load.py"), "--target", target, "--streams",
-                          str(streams), "--chars", str(chars), *how], capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        raise RuntimeError(f"load against {target} failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def measure(server: ServerProcess, streams: int, chars: int, connections: int) -> dict:
-    before = cpu_seconds(server.pid)
-    result = load(server.http_target if connections == HTTP else server.target, streams, chars, connections)
-    after = cpu_seconds(server.pid)
-    received = max(result["chars"], 1)
-    result["server_us"] = result["engine_us"] = None
-    if before is not None and after is not None:
-        # a process that started or restarted meanwhile counts from zero
-        used = {p: (after[p][0] - before.get(p, (0.0, False))[0], after[p][1]) for p in after}
-        result["server_us"] = sum(s for s, _ in used.values()) / received * 1e6
-        if any(engine for _, engine in used.values()):  # none: no engine process (ceiling, --engine thread)
-            result["engine_us"] = sum(s for s, engine in used.values() if engine) / received * 1e6
-    result["client_us"] = result["client_cpu_s"] / received * 1e6
-    return result
+from harness import HTTP, ROOT, ServerProcess, build_int8, build_model, load_columns, measure
 
 
 def step_latency(model_path: Path, run_dir: Path, batches: tuple[int, ...], repeats: int,

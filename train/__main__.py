@@ -46,7 +46,7 @@ PRESETS = {
     "text": dict(
         cell="gru", layers=2, hidden=256, input="embedding", dropout=0.0, optimizer="adamw", lr=3e-3,
         weight_decay=0.01, schedule="cosine", warmup_steps=50, grad_clip=1.0, seed=1337,
-        batch_size=32, seq_len=64, val_fraction=0.1,  # T 64 over 128: bench/recipes.sh (README)
+        batch_size=32, seq_len=64, val_fraction=0.1,  # T 64 over 128: bench/recipes.sh (docs/performance.md)
     ),
 }
 

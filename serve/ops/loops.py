@@ -3,7 +3,7 @@
 uvloop (libuv) by default where it is installed: the server's loop thread does per-character work
 for every stream (waking consumers, gRPC's send completions), and on the 2-core benchmark uvloop
 served about 20% more characters per second at 64 streams and at 1 stream, while the model-free
-transport ceiling did not change (bench/serve.py prints both; see the README's performance section).
+transport ceiling did not change (bench/serve.py prints both; see docs/performance.md).
 """
 
 from __future__ import annotations

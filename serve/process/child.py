@@ -10,6 +10,7 @@ stdin closes, so it never outlives the server.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -246,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scheduler = Scheduler(runtime, PipeInbox(inp, runtime.spec.vocab, live, reader), sink, tally,
                           max_batch=args.max_batch, max_delay_us=args.max_delay_us, window=args.window,
                           prompt_cache_bytes=args.prompt_cache_mb * MB)
+    gc.freeze()  # the model, the session, the modules stay for good: collections skip them (serve/ops/server.py)
     sink.write(records.encode(records.Ready(runtime.provider, runtime.spec)))
     scheduler.run()  # returns after Stop (or the server's exit), having failed what was left
     return 0

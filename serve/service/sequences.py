@@ -3,7 +3,7 @@
 A Triton client sends `sequence_id` with `sequence_start` / `sequence_end` and never the state; this
 table keeps it between the sequence's requests, in this server process (so a sequence needs connection
 affinity behind a balancer: another replica does not know it). What happens at the edges follows
-Triton's documents (the README's KServe section lists them):
+Triton's documents (docs/interop.md lists them):
 
 - START opens a sequence at the zero state; a START for a sequence that is live restarts it at zero
   once the requests already queued for it have run (Triton continues with the new sequence and logs

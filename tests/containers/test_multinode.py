@@ -1,6 +1,6 @@
 """Multi-node training in containers: two containers of the training image on a Docker network the test makes
 (internal: nothing there reaches out), each one node of `torchrun --nnodes 2 --rdzv-backend c10d` with the
-rendezvous on node0:29400, as README's multi-node command and an Indexed Job's pods run it. Each node has a
+rendezvous on node0:29400, as docs/training.md's multi-node command and an Indexed Job's pods run it. Each node has a
 volume of its own, as two machines have two disks: rank 0 alone writes the run folder, on its node's volume.
 
 Both nodes finish and the checkpoint exports; `docker stop` (SIGTERM to torchrun, the container's first
@@ -24,7 +24,7 @@ from support import STEP_LINE
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(900)]
 
 LABEL = "org.charrnn.test=multinode"  # on everything made here, so a leftover is easy to find
-PORT = 29400  # the README's rendezvous port: each node is a host of its own, so no free port is needed
+PORT = 29400  # docs/training.md's rendezvous port: each node is a host of its own, so no free port is needed
 LIMIT = 300  # seconds for a two-node run to end (the containers' own start included)
 RUN = "/artifacts/run"
 TRAIN = ("--corpus", "default", "--cell", "rnn", "--layers", "1", "--hidden", "8", "--batch-size", "4",

@@ -1,5 +1,5 @@
-"""bench/serve.py as the README runs it, shrunk: every server starts, every load completes without
-errors, and the report has its rows and ratios. Speed is not judged here (see the README)."""
+"""bench/serve.py as docs/performance.md runs it, shrunk: every server starts, every load completes without
+errors, and the report has its rows and ratios. Speed is not judged here (see docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -82,3 +82,26 @@ def test_prompt_cache_benchmark_runs_end_to_end():
         ratio = r"(\d+\.\d\dx  \(rounds |n/a  \(a round measured 0).*" if "CPU" in row else r"\d+\.\d\dx  \(rounds .*"
         assert re.search(rf"^{row}.*\s\d+\.\d+\S*\s+\d+\.\d+\S*\s+{ratio}goal >=", proc.stdout, re.M), \
             proc.stdout
+
+
+def test_breakdown_attributes_every_load_to_buckets():
+    """bench/breakdown.py shrunk (py-spy on a real server and its engine process, both engines, two loads):
+    every column has a chars/s and a server total, and the buckets share that total out, the model call
+    among them (a profile that lost the engine process would show no onnxruntime time)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "breakdown.py"), "--hidden", "32", "--streams", "1,4",
+                           "--chars", "400", "--rate", "250"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    out = proc.stdout
+    assert re.search(r"^\s+process x1\s+process x4\s+thread x1\s+thread x4$", out, re.M), out
+
+    def row(name: str) -> list[float]:
+        found = re.search(rf"^{re.escape(name)}\s+(.*)$", out, re.M)
+        assert found, f"no {name!r} row in:\n{out}"
+        return [float(v) for v in found.group(1).split()]
+
+    buckets = ["onnxruntime", "sampling", "scheduler", "engine hop", "metrics", "gRPC/protobuf", "service",
+               "event loop", "gc", "other"]
+    parts = [row(b) for b in buckets]
+    for column, total in enumerate(row("= server")):
+        assert total > 0 and abs(sum(p[column] for p in parts) - total) <= 0.01 * total + 0.5, out
+    assert all(v > 0 for v in row("onnxruntime")) and all(v > 0 for v in row("chars/s")), out

@@ -1,5 +1,5 @@
 """bench/kserve.py shrunk: the Generate load and both tritonclient loads run against one server without
-errors, and the report has its rows and ratios. Speed is not judged here (see the README)."""
+errors, and the report has its rows and ratios. Speed is not judged here (see docs/performance.md)."""
 
 from __future__ import annotations
 

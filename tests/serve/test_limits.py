@@ -2,7 +2,7 @@
 
 A refusal over capacity is immediate, and a cancelled (or expired) stream's slot is freed and its
 computation stopped: what a queue or a leak would break. The bounds are seconds, generous for a busy
-2-core machine (the README's figures, a few milliseconds each, are measured, not asserted here): a
+2-core machine (docs/reliability.md's figures, a few milliseconds each, are measured, not asserted here): a
 call that queued behind the 100000-character stream, or a slot never freed, still fails them.
 """
 

@@ -1,5 +1,5 @@
 """Multi-node torchrun for real: two launchers on 127.0.0.1 are two "nodes" of one process each (gloo), meeting
-through c10d rendezvous on a free port, as the README's multi-node command has them:
+through c10d rendezvous on a free port, as docs/training.md's multi-node command has them:
 
     torchrun --nnodes 2 --nproc-per-node 1 --node-rank I --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:PORT \\
         --rdzv-id RUN -m train --corpus tiny.txt ... --out DIR
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 
 def node_command(node_rank: int | str, endpoint: str, run_id: str, corpus: Path, out: Path, *extra: str) -> list[str]:
     """One node's torchrun. With c10d, torchrun ignores --node-rank (it says so): the rendezvous numbers the
-    nodes; it stays, as the README's command (and a static rendezvous) has it."""
+    nodes; it stays, as docs/training.md's command (and a static rendezvous) has it."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
             "--node-rank", str(node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
             "--rdzv-id", run_id, "-m", "train", "--corpus", str(corpus), *ARGS, "--out", str(out), *extra]
@@ -156,9 +156,9 @@ def test_sigterm_to_either_node_stops_both_at_one_step_and_resume_continues(tmp_
     assert max_diff(weights(out), weights(whole)) <= TOLERANCE
 
 
-def test_the_readme_shows_the_command_these_tests_run():
-    readme = (ROOT / "README.md").read_text()
-    match = re.search(r"^python -m torch\.distributed\.run --nnodes 2 .*?(?=\n```)", readme, re.M | re.S)
-    assert match, "README.md: no `python -m torch.distributed.run --nnodes 2 ...` block"
+def test_the_docs_show_the_command_these_tests_run():
+    page = (ROOT / "docs/training.md").read_text()
+    match = re.search(r"^python -m torch\.distributed\.run --nnodes 2 .*?(?=\n```)", page, re.M | re.S)
+    assert match, "docs/training.md: no `python -m torch.distributed.run --nnodes 2 ...` block"
     shown = shlex.split(match.group(0).replace("\\\n", " "))
     assert shown == ["python", *node_command("I", "127.0.0.1:PORT", "RUN", Path("tiny.txt"), Path("DIR"))[1:]]

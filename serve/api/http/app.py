@@ -2,7 +2,7 @@
 
 Starlette (on uvicorn) rather than FastAPI: the routes validate their own requests, because OpenAI's and
 KServe's error bodies have to name the parameter in their own shapes, so FastAPI's pydantic layer would be
-cost without use; docs/http.md has the per-character figures. A path no route has answers 404, a wrong
+cost without use; docs/performance.md has the per-character figures. A path no route has answers 404, a wrong
 method 405, each in the error shape of the API the path belongs to (/v1: OpenAI's, else KServe's).
 
 The playground's page (serve/web/) is served as its files are: `/` is index.html, `/static/` the rest.

@@ -30,7 +30,7 @@ one model: `--model-name` (default "charrnn"), version "1", whose tensors are th
 NOT_FOUND; a malformed tensor is INVALID_ARGUMENT naming it. Under a sequence the server holds the
 state: state_in is refused and state_out returned only when requested; a request without
 sequence_start for a sequence that is not live is INVALID_ARGUMENT; at --max-sequences live sequences
-a new start is RESOURCE_EXHAUSTED. The README's "Using charrnn from KServe / Triton clients" has the rest.
+a new start is RESOURCE_EXHAUSTED. docs/interop.md ("Sequences") has the rest.
 
 The end of this file holds the part of Triton's model configuration (its model_config.proto, the
 message a config.pbtxt holds) that ModelConfigResponse needs, with Triton's names and numbers. Every
