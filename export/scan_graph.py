@@ -22,9 +22,10 @@ Why this shape:
   [batch, seq] in one product.
 - The If: seq 1 is the serving step, nearly every call a server makes, and entering a Scan costs more
   than the step's own small ops (measured on GRU 2x256, int8: 1036 against 1096 us at batch 64, 135
-  against 148 at batch 1). Its price: onnxruntime does not prepack the int8 weights of a Scan body two
-  graphs deep (inside the If), so a long prefill is about a third slower than with the Scan at the top
-  (seq 64, batch 1: 3.5 against 2.6 ms); docs/int8.md has the figures.
+  against 148 at batch 1). Its price: a long prefill is about a third slower than with the Scan at the
+  top (seq 64, batch 1: 3.5 against 2.6 ms), it seems because onnxruntime does not prepack the int8
+  weights of a Scan body two graphs deep (session.disable_prepacking on the top-level Scan gives the
+  same slowdown); docs/int8.md has the figures.
 - The biases that only add to a gate's sum (all of LSTM's and RNN's b_hh, GRU's r and z parts) are
   folded into b_ih (and the table), so the body adds nothing it need not; GRU's b_hn stays inside, as
   r multiplies it.
