@@ -45,6 +45,24 @@ def build_model(folder: Path, cell: str = "gru", layers: int = 2, hidden: int = 
     return path, folder
 
 
+def build_int8(model_path: Path, run_dir: Path, folder: Path) -> tuple[Path, Path]:
+    """The int8 export of run_dir's checkpoint (export/int8.py) with model_path's metadata, and the float Scan
+    graph it quantizes (to time the graph's form apart from int8): (model.int8.onnx, model.scan.onnx)."""
+    import onnx
+
+    from export.int8 import quantize
+    from export.scan_graph import scan_graph
+    from export.to_onnx import rebuild
+    from train import checkpoint
+
+    meta = {p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props}
+    float_graph = scan_graph(rebuild(checkpoint.load(run_dir)), meta)
+    int8, scan = folder / "model.int8.onnx", folder / "model.scan.onnx"
+    int8.write_bytes(quantize(float_graph).SerializeToString())
+    scan.write_bytes(float_graph.SerializeToString())
+    return int8, scan
+
+
 class ServerProcess:
     """A server subprocess, ready when constructed (`target` is its address); stderr goes to a temporary
     file, never a pipe nobody reads, and its tail is in the error when the server does not start."""

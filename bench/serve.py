@@ -21,6 +21,11 @@ process, sharing its GIL) for comparison with the default engine process. "model
 (bench/model_skipped.py) is the real server with its model call replaced by a constant: next to the
 ceiling and the real server it shows how much of the gap is the model's compute.
 
+"int8" is the batched server on the int8 export of the same checkpoint (python -m export RUN --quantize int8,
+docs/int8.md); "int8 / batched" is what int8 weights do to served speed. The step latency section times
+the int8 file's step beside the float file's (and the float Scan graph it quantizes, which tells the
+graph's form apart from the int8 arithmetic).
+
 "before" (with --before CHECKOUT) is the same batched server run from another checkout of this
 repository, e.g. the commit before a change, with this environment's Python: "batched / before" says
 what the change did to speed, measured in the same rounds as everything else.
@@ -41,11 +46,13 @@ import time
 from pathlib import Path
 
 # harness puts the repository root on sys.path
-from harness import HTTP, ROOT, ServerProcess, build_model, load_columns, measure
+from harness import HTTP, ROOT, ServerProcess, build_int8, build_model, load_columns, measure
 
 
-def step_latency(model_path: Path, run_dir: Path, batches: tuple[int, ...], repeats: int) -> dict:
-    """Median seconds of one seq=1 step, onnxruntime (1 thread) vs PyTorch eager (1 thread), same weights."""
+def step_latency(model_path: Path, run_dir: Path, batches: tuple[int, ...], repeats: int,
+                 others: tuple[Path, ...] = ()) -> dict:
+    """Median seconds of one seq=1 step, onnxruntime (1 thread) vs PyTorch eager (1 thread), same weights:
+    (onnxruntime, PyTorch, *each of others under onnxruntime), timed in turn within each repeat."""
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -58,6 +65,7 @@ def step_latency(model_path: Path, run_dir: Path, batches: tuple[int, ...], repe
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    extra = [ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]) for path in others]
     model = rebuild(checkpoint.load(run_dir))
     cfg = model.config
     result = {}
@@ -66,7 +74,12 @@ def step_latency(model_path: Path, run_dir: Path, batches: tuple[int, ...], repe
         state = np.zeros((batch, cfg.num_layers, cfg.state_size), dtype=np.float32)
         t_ids, t_state = torch.from_numpy(ids), torch.from_numpy(state)
         ort_times, torch_times = [], []
+        extra_times: list[list[float]] = [[] for _ in extra]
         for _ in range(repeats):
+            for other, times in zip(extra, extra_times, strict=True):
+                t = time.perf_counter()
+                other.run(None, {"input_ids": ids, "state_in": state})
+                times.append(time.perf_counter() - t)
             t = time.perf_counter()
             sess.run(None, {"input_ids": ids, "state_in": state})
             ort_times.append(time.perf_counter() - t)
@@ -74,7 +87,8 @@ def step_latency(model_path: Path, run_dir: Path, batches: tuple[int, ...], repe
                 t = time.perf_counter()
                 model(t_ids, t_state)
                 torch_times.append(time.perf_counter() - t)
-        result[batch] = (statistics.median(ort_times), statistics.median(torch_times))
+        result[batch] = (statistics.median(ort_times), statistics.median(torch_times),
+                         *(statistics.median(times) for times in extra_times))
     return result
 
 
@@ -108,8 +122,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
             args.model, args.checkpoint = build_model(Path(tmp), args.cell, args.layers, args.hidden)
-        flags = ["--model", str(args.model), "--threads", str(args.threads), "--log-level", "WARNING",
-                 "--event-loop", args.event_loop]
+        int8, scan = build_int8(args.model, args.checkpoint, Path(tmp))
+        common = ["--threads", str(args.threads), "--log-level", "WARNING", "--event-loop", args.event_loop]
+        flags = ["--model", str(args.model), *common]
         serve = [sys.executable, "-m", "serve", *flags]
         # name -> (argv, TCP connections the load uses)
         configs = {
@@ -119,6 +134,7 @@ def main() -> int:
             "unbatched": (serve + ["--max-batch", "1"], 1),
             "thread engine": (serve + ["--engine", "thread"], 1),
             "model skipped": ([sys.executable, str(ROOT / "bench" / "model_skipped.py"), *flags], 1),
+            "int8": ([sys.executable, "-m", "serve", "--model", str(int8), *common], 1),
         }
         if args.before is not None:
             configs["before"] = (serve, 1)
@@ -180,6 +196,7 @@ def main() -> int:
                  ("batched", "ceiling", 1, "  target >= 0.5"),
                  ("thread engine", "ceiling", n, ""), ("thread engine", "ceiling", 1, ""),
                  ("model skipped", "ceiling", n, ""), ("model skipped", "ceiling", 1, ""),
+                 ("int8", "batched", n, ""), ("int8", "batched", 1, ""),
                  ("batched", "before", n, "  target >= 0.95"), ("batched", "before", 1, "  target >= 0.95")]
         if args.workers > 1:
             pairs.append((f"x{args.workers} procs, {2 * args.workers} conns", f"batched, {2 * args.workers} conns",
@@ -190,10 +207,16 @@ def main() -> int:
                 print(f"  {label:<44} {ratio(a, b, streams)}{target}")
 
         print("\nstep latency, seq 1, one thread (median):")
-        latency = step_latency(args.model, args.checkpoint, (1, n), 300)
-        for batch, (ort_s, torch_s) in latency.items():
+        latency = step_latency(args.model, args.checkpoint, (1, n), 300, (int8, scan))
+        for batch, (ort_s, torch_s, *_) in latency.items():
             print(f"  batch {batch:>3}: onnxruntime {ort_s * 1e6:7.1f} us ({batch / ort_s:8.0f} chars/s), "
                   f"PyTorch eager {torch_s * 1e6:7.1f} us; onnxruntime {torch_s / ort_s:.1f}x faster")
+        print("\nint8 step latency, seq 1, one thread (median, timed in turn with the float file above):")
+        for batch, (ort_s, _, int8_s, scan_s) in latency.items():
+            goal = "  goal >= 1.5 at batch 64" if batch == 64 else ""
+            print(f"  batch {batch:>3}: int8 {int8_s * 1e6:7.1f} us ({batch / int8_s:8.0f} chars/s), "
+                  f"{ort_s / int8_s:.2f}x the float file's step{goal}; the float Scan graph it quantizes "
+                  f"{scan_s * 1e6:7.1f} us ({ort_s / scan_s:.2f}x)")
 
         ceiling_cpu = [median("ceiling", s, "server_us") for s in (n, 1)] if "ceiling" in configs else [None]
         if None not in ceiling_cpu:

@@ -16,7 +16,7 @@ def test_serving_benchmark_runs_end_to_end():
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     out = proc.stdout
-    for name in ("ceiling", "batched", "http (SSE)", "unbatched", "thread engine", "model skipped",
+    for name in ("ceiling", "batched", "http (SSE)", "unbatched", "thread engine", "model skipped", "int8",
                  "batched, 4 conns", "x2 procs, 4 conns"):
         for load in ("4 streams", "1 stream "):
             row = re.search(rf"^\s*{re.escape(name)}\s+{load}\s+(\d+)\s.*\s(\d+)$", out, re.M)
@@ -26,6 +26,12 @@ def test_serving_benchmark_runs_end_to_end():
     assert re.search(r"http \(SSE\) / batched, 4 streams:\s+\d+\.\d\d  \(rounds .*target >= 0.7", out), out
     assert re.search(r"x2 procs, 4 conns / batched, 4 conns, 4 streams:\s+\d", out), out
     assert "batch   4: onnxruntime" in out
+    # the int8 export's rows: served (above, and its ratio) and its step beside the float file's
+    assert re.search(r"int8 / batched, 4 streams:\s+\d+\.\d\d  \(rounds ", out), out
+    for batch in ("  1", "  4"):
+        step = rf"batch {batch}: int8 +\d+\.\d us \( *\d+ chars/s\), \d+\.\d\dx the float file's step"
+        assert re.search(step, out), out
+    assert "goal >= 1.5 at batch 64" not in out  # a shrunk run has no batch 64 to judge
     assert re.search(r"caps batched / ceiling near \d", out)
     assert re.search(r"could not pass batched / ceiling = \d", out)
     # the engine column: the engine processes' share, n/a where there is none
