@@ -63,8 +63,10 @@ class Sink(Protocol):
 
     def failed(self, streams: list[Stream], error: BaseException) -> None: ...
 
-    def flush(self) -> None:
-        """The end of an iteration: hand over whatever is still held back."""
+    def flush(self, hold: bool) -> None:
+        """Between iterations: hand over what is held back. hold: the scheduler goes straight on stepping,
+        so output that is not urgent may wait a little longer (see serve/process/child.py's PipeSink);
+        False: it is about to wait for work, everything goes now."""
 
     def alive(self) -> None:
         """Long work goes on (a long prompt's prefill): say so, or the engine process's watchdog
@@ -162,11 +164,12 @@ class Scheduler:
                 wait: float | None = None
             else:
                 wait = 0.0 if stepped else 0.005  # all parked: poll until a consumer catches up
+            self.sink.flush(hold=wait == 0.0)  # about to wait for work: nothing may stay held back
             items = self._receive(wait, idle=not self._active)
             stop = _stop(items)
             if stop is not None:
                 self._shutdown(items, stop.reason)
-                self.sink.flush()
+                self.sink.flush(hold=False)
                 return
             try:
                 jobs = [i for i in items if isinstance(i, Job)]
@@ -185,7 +188,6 @@ class Scheduler:
                 self._active.extend(i for i in items if isinstance(i, Stream) and not i.done and i not in self._active)
                 self._fail_all([i for i in items if isinstance(i, Job)], EngineFailure("model execution failed"))
                 stepped = False
-            self.sink.flush()
 
     def _receive(self, wait: float | None, idle: bool) -> list[Work]:
         """What arrived within `wait`; when idle, up to --max-delay-us more for concurrent arrivals

@@ -98,7 +98,7 @@ class _LoopSink:
         if streams:
             self._post(_fail, (streams, error))
 
-    def flush(self) -> None:
+    def flush(self, hold: bool) -> None:
         pass  # everything is posted as it happens
 
     def alive(self) -> None:
