@@ -14,7 +14,7 @@ Method. Every server runs every load twice, from a separate client process (benc
 Each process's CPU per character (pass 1) is shared out over its buckets in proportion to its samples
 (pass 2). A sampler that pauses the process slows it, so pass 2 gives only the shares; samples that
 caught a thread blocked in the kernel waiting for work (epoll, poll, futex, condition variables) are idle,
-not CPU, and are dropped. A sample belongs to the first bucket that its innermost frames name:
+not CPU, and are dropped (see IDLE). A sample belongs to the first bucket that its innermost frames name:
 
   onnxruntime    serve/engine/runtime.py's call into onnxruntime, onnxruntime's own frames
   sampling       serve/engine/sampling.py (the per-row random draws included)
@@ -69,10 +69,13 @@ RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple((bucket, re.compile(patte
     ("service", r"serve/service/|serve/api/"),
     ("event loop", r"asyncio|uvloop|_asynciomodule|loop\.c|selectors\.py|Runner\.run|events\.py"),
 ))
-# The innermost frame of a thread that sleeps in the kernel until there is work: not CPU time.
+# The innermost frame of a thread that sleeps in the kernel until there is work: not CPU time. py-spy pauses
+# the process to sample it, so it cannot tell a sleeping thread from a running one by its state. A libc
+# frame without a name is one of libc's internal futex waits (a lock, a condition, the GIL): the functions
+# that do work there (memcpy, malloc, write, sendmsg...) have names.
 IDLE = re.compile(r"^(epoll_wait|epoll_pwait|poll|ppoll|select|pselect6?|__select|nanosleep|clock_nanosleep|"
                   r"pthread_cond_wait|pthread_cond_timedwait|sem_wait|sem_timedwait|syscall|futex_wait|"
-                  r"__futex_abstimed_wait\w*|do_futex_wait\w*|readable) ")
+                  r"__futex_abstimed_wait\w*|do_futex_wait\w*|readable) |^0x[0-9a-f]+ \(libc\.so[.0-9]*\)$")
 
 
 def bucket_of(frames: list[str]) -> str:
