@@ -31,6 +31,12 @@ not CPU, and are dropped (see IDLE). A sample belongs to the first bucket that i
 With --before CHECKOUT, every server is measured a second time from that checkout of this repository (e.g.
 the commit before a change), in the same run: its columns say "before".
 
+A cross-check that needs no sampler: "ort step (wall)" is the server's own count of the seconds inside its
+onnxruntime step calls (charrnn_step_seconds, from --metrics-port) per character, wall clock around the call,
+so it also holds the time the engine was preempted there or, with --engine thread, waited for the GIL on its
+way out. Where it and the sampled "onnxruntime" row part (the thread engine at one stream), the sampler lost
+native frames: py-spy cannot always unwind onnxruntime's kernels.
+
 The client's CPU per character is printed beside the server's: on 2 cores the three processes (client,
 server, engine) share the machine, so every microsecond anywhere is a microsecond less for the others.
 """
@@ -48,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 # harness puts the repository root on sys.path
@@ -103,6 +110,14 @@ def parse(raw: str) -> dict[str, collections.Counter[str]]:
     return shares
 
 
+def step_seconds(metrics_url: str) -> float:
+    """The server's own count of seconds spent in onnxruntime step calls (charrnn_step_seconds_sum)."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    found = re.search(r"^charrnn_step_seconds_sum(?:\{[^}]*\})? (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
 def profile(pyspy: str, server: ServerProcess, streams: int, chars: int, rate: int) -> str:
     """Pass 2: one load under py-spy; its raw samples."""
     with tempfile.NamedTemporaryFile(suffix=".txt") as out:
@@ -147,12 +162,20 @@ def main() -> int:
         for name, engine, cwd in engines:
             server = ServerProcess(name, [sys.executable, "-m", "serve", "--model", str(model), "--device", "cpu",
                                           "--port", "0", "--http-port", "-1", "--engine", engine,
-                                          "--log-level", "WARNING"], cwd=cwd)
+                                          "--metrics-port", "0", "--log-level", "WARNING"], cwd=cwd)
             try:
+                assert server.proc.stdout is not None
+                metrics = re.search(r"charrnn metrics on (\S+)", server.proc.stdout.readline())
+                assert metrics, f"{name}: no metrics line"
                 for streams in counts:
                     per_stream = max(1, args.chars // streams)
                     load(server.target, streams, min(per_stream, 50))  # warm-up
-                    rounds = [measure(server, streams, per_stream, 1) for _ in range(args.rounds)]
+                    rounds = []
+                    for _ in range(args.rounds):
+                        before = step_seconds(metrics.group(1))
+                        result = measure(server, streams, per_stream, 1)
+                        result["step_us"] = (step_seconds(metrics.group(1)) - before) / max(result["chars"], 1) * 1e6
+                        rounds.append(result)
                     raw = profile(pyspy, server, streams, per_stream, args.rate)
                     results[(name, streams)] = {"rounds": rounds, "shares": parse(raw)}
                     print(f"{name}, {streams} streams: done", file=sys.stderr, flush=True)
@@ -186,6 +209,7 @@ def main() -> int:
     print(f"{'= server':16}" + "".join(f"{med(key, 'server_us'):16.1f}" for key in columns))
     print(f"{'  engine process':16}" + "".join(f"{med(key, 'engine_us'):16.1f}" if key[0].startswith("process")
                                                  else f"{'(in server)':>16}" for key in columns))
+    print(f"{'ort step (wall)':16}" + "".join(f"{med(key, 'step_us'):16.1f}" for key in columns))
     print(f"{'client':16}" + "".join(f"{med(key, 'client_us'):16.1f}" for key in columns))
     print(f"{'chars/s':16}" + "".join(f"{med(key, 'chars_per_s'):16.0f}" for key in columns))
     print(f"{'ttfc p50 ms':16}" + "".join(f"{med(key, 'ttfc_p50_ms'):16.2f}" for key in columns))

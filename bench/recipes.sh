@@ -69,5 +69,6 @@ for name in "${names[@]}"; do
   $PY -m export "$run" | tail -1
   $PY -m export.evaluate "$run/model.onnx" "$DATA"
   $PY -c "import torch, sys; s = torch.load(sys.argv[1], weights_only=True)['summary']; \
-print(f\"steps reached: {s['steps']} (the --steps twin: replace --time-budget with --steps {s['steps']})\")" "$run/last.pt"
+print(f\"steps reached: {s['steps']} at {s['chars_per_second']} chars/s \
+(the --steps twin: replace --time-budget with --steps {s['steps']})\")" "$run/last.pt"
 done

@@ -105,3 +105,4 @@ def test_breakdown_attributes_every_load_to_buckets():
     for column, total in enumerate(row("= server")):
         assert total > 0 and abs(sum(p[column] for p in parts) - total) <= 0.01 * total + 0.5, out
     assert all(v > 0 for v in row("onnxruntime")) and all(v > 0 for v in row("chars/s")), out
+    assert all(v > 0 for v in row("ort step (wall)")), out  # the server's own step-time metric moved
