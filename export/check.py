@@ -47,14 +47,19 @@ def session(model_bytes: bytes) -> ort.InferenceSession:
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
-def verify(proto: onnx.ModelProto, model: CharRNN, seed: int = 0) -> Report:
-    report = Report()
+def file_problems(proto: onnx.ModelProto, model: CharRNN) -> list[str]:
+    """What is wrong with the file before it runs: onnx.checker, the contract, non-finite weights."""
+    problems = []
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
-        report.problems.append(f"onnx.checker: {exc}")
-    report.problems += violations(proto)
-    report.problems += nonfinite_weights(model)
+        problems.append(f"onnx.checker: {exc}")
+    return problems + violations(proto) + nonfinite_weights(model)
+
+
+def verify(proto: onnx.ModelProto, model: CharRNN, seed: int = 0) -> Report:
+    report = Report()
+    report.problems += file_problems(proto, model)
     if report.problems:
         return report
     sess = session(proto.SerializeToString())

@@ -42,8 +42,8 @@ import numpy as np
 import onnx
 import torch
 
-from export.check import SHAPES, nonfinite_weights, session
-from export.contract import dims_of, violations
+from export.check import SHAPES, file_problems, session
+from export.contract import dims_of
 from train.model import CharRNN
 
 QUANTIZATION = "quantization"  # the metadata key an int8 file adds; the float file has none
@@ -157,13 +157,8 @@ def verify_int8(proto: onnx.ModelProto, model: CharRNN, reference: onnx.ModelPro
     """The int8 file against PyTorch within the tolerances above, and its contract against the float file's
     (reference: what export writes without --quantize)."""
     report = Int8Report()
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        report.problems.append(f"onnx.checker: {exc}")
-    report.problems += violations(proto)
+    report.problems += file_problems(proto, model)
     report.problems += contract_differences(proto, reference)
-    report.problems += nonfinite_weights(model)
     left = float_matmuls(proto.graph)
     if left:
         report.problems.append(f"MatMul(s) left in float: {', '.join(left)}")
