@@ -3,6 +3,8 @@
 #
 #   bench/recipes.sh ../shared/data/tinyshakespeare.txt [NAME ...]     # the named recipes (default: the two CPU ones)
 #
+#   STEPS=954 bench/recipes.sh ../shared/data/tinyshakespeare.txt abl-base-s1337   # --steps 954 for --time-budget
+#
 # Each recipe trains into runs/recipes/NAME (--overwrite), exports, and judges model.onnx with
 # python -m export.evaluate on the last 10% (the split training holds out), then prints the steps it reached,
 # which is the --steps N twin of its --time-budget for machines of other speeds. Run the CPU ones alone on
@@ -32,7 +34,8 @@ declare -A RECIPES=(
   [cpu-1200-gru512-lr6]="--threads 2 --hidden 512 --dropout 0.25 --batch-size 64 --seq-len 64 --lr 6e-3 --eval-every 400 --time-budget 1200"  # 1.6393 / 1.6217 at step 800 of 2510, then worse
 )
 
-# --- issue 24's ablation CANDIDATES: NOT RUN YET, no figures. Each is cpu-131 plus one regularizer (or the
+# --- issue 24's ablation candidates: base, wd02, locked-lo, ema99 measured at seed 1337 as STEPS=954 twins
+# (docs/training-regularizers.md); the rest NOT RUN YET. Each is cpu-131 plus one regularizer (or the
 # combined candidate), at 2 seeds (1337 is today's recipe itself), named abl-KEY-sSEED; `ablations` runs all 22:
 #   bench/recipes.sh ../shared/data/tinyshakespeare.txt ablations        # ~3 min each: a quiet machine only
 # Compare at equal wall time: the closing line of each run gives its chars/s and steps reached.
@@ -62,6 +65,9 @@ if [ "${names[*]}" = ablations ]; then
 fi
 for name in "${names[@]}"; do
   args=${RECIPES[$name]:?unknown recipe $name (known: ${!RECIPES[*]})}
+  if [ -n "${STEPS:-}" ]; then  # the --steps twin: the same number of steps whatever the machine's speed
+    args=$(sed -E "s/--time-budget [0-9]+/--steps $STEPS/" <<<"$args")
+  fi
   run="$OUT/$name"
   echo "== $name: $PY -m train --corpus $DATA $args --out $run"
   # shellcheck disable=SC2086  # the recipe is a list of words
