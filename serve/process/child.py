@@ -151,7 +151,7 @@ class PipeInbox:
 
 # How long characters that nobody waits for urgently may be held back to share one write (seconds). At one
 # stream, 2 ms (about 8 steps) served 1.2x the characters per second of no holding (bench/serve.py --before,
-# 5 rounds; 1 ms: 1.19x) with the gaps' p99 still under 1 ms; steps of many streams take longer than this.
+# 5 rounds; 1 ms: 1.19x) with the gaps' p99 at 1 to 1.7 ms; steps of many streams take longer than this.
 HOLD = 0.002
 
 
