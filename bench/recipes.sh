@@ -34,7 +34,7 @@ declare -A RECIPES=(
   [cpu-1200-gru512-lr6]="--threads 2 --hidden 512 --dropout 0.25 --batch-size 64 --seq-len 64 --lr 6e-3 --eval-every 400 --time-budget 1200"  # 1.6393 / 1.6217 at step 800 of 2510, then worse
 )
 
-# --- issue 24's ablation candidates: base, wd02, locked-lo, ema99 measured at seed 1337 as STEPS=954 twins
+# --- issue 24's ablation candidates: base, wd02, locked-lo, ema99, lstm-fb1 (and base, ema99 at 1338) measured as STEPS=954 twins
 # (docs/training-regularizers.md); the rest NOT RUN YET. Each is cpu-131 plus one regularizer (or the
 # combined candidate), at 2 seeds (1337 is today's recipe itself), named abl-KEY-sSEED; `ablations` runs all 22:
 #   bench/recipes.sh ../shared/data/tinyshakespeare.txt ablations        # ~3 min each: a quiet machine only
