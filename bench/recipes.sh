@@ -4,6 +4,7 @@
 #   bench/recipes.sh ../shared/data/tinyshakespeare.txt [NAME ...]     # the named recipes (default: the two CPU ones)
 #
 #   STEPS=954 bench/recipes.sh ../shared/data/tinyshakespeare.txt abl-base-s1337   # --steps 954 for --time-budget
+#   LIST=1 bench/recipes.sh -                                                   # every recipe's arguments
 #
 # Each recipe trains into runs/recipes/NAME (--overwrite), exports, and judges model.onnx with
 # python -m export.evaluate on the last 10% (the split training holds out), then prints the steps it reached,
@@ -11,7 +12,7 @@
 # the machine (2 cores, nothing else running): --time-budget follows the clock. The figures in the comments
 # were measured that way (windowed / carried nats/char, from export.evaluate).
 set -euo pipefail
-DATA=${1:?usage: bench/recipes.sh TINYSHAKESPEARE.txt [NAME ...]}
+DATA=${1:?usage: bench/recipes.sh TINYSHAKESPEARE.txt|default [NAME ...]}
 shift
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/recipes}
@@ -58,22 +59,53 @@ for key in "${!ABLATIONS[@]}"; do
   done
 done
 
+# --- issue 24's 20 min candidates: cpu-1200 plus the regularizers that won (or should pay once it overfits) ---
+RECIPES[cpu-1200-ema995]="${RECIPES[cpu-1200]} --ema 0.995"
+RECIPES[cpu-1200-ema995-wd02]="${RECIPES[cpu-1200]} --ema 0.995 --weight-drop 0.2"
+
+# --- the defaults question: make demo's own run (the embedded corpus, 180 s) with and without a regularizer.
+# Pass `default` for the corpus: bench/recipes.sh default demo-base-s1337 demo-ema99-s1337 ...
+declare -A DEMO=(
+  [base]=""
+  [ema99]="--ema 0.99"
+  [wd02]="--weight-drop 0.2"
+)
+for key in "${!DEMO[@]}"; do
+  for seed in 1337 1338; do
+    RECIPES[demo-$key-s$seed]="--time-budget 180 ${DEMO[$key]} --seed $seed"
+  done
+done
+
+args_of() {  # a recipe's arguments; with STEPS=N its --steps twin: the same steps whatever the machine's speed
+  local args=${RECIPES[$1]:?unknown recipe $1 (known: ${!RECIPES[*]})}
+  if [ -n "${STEPS:-}" ]; then
+    args=$(sed -E "s/--time-budget [0-9]+/--steps $STEPS/" <<<"$args")
+  fi
+  printf '%s' "$args"
+}
+if [ -n "${LIST:-}" ]; then  # LIST=1: every recipe's name and arguments, one per line (tests parse them)
+  for name in $(printf '%s\n' "${!RECIPES[@]}" | sort); do printf '%s\t%s\n' "$name" "$(args_of "$name")"; done
+  exit 0
+fi
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(cpu-131 cpu-1200)
 if [ "${names[*]}" = ablations ]; then
   mapfile -t names < <(printf '%s\n' "${!RECIPES[@]}" | grep '^abl-' | sort)
 fi
 for name in "${names[@]}"; do
-  args=${RECIPES[$name]:?unknown recipe $name (known: ${!RECIPES[*]})}
-  if [ -n "${STEPS:-}" ]; then  # the --steps twin: the same number of steps whatever the machine's speed
-    args=$(sed -E "s/--time-budget [0-9]+/--steps $STEPS/" <<<"$args")
-  fi
+  args=$(args_of "$name")
   run="$OUT/$name"
   echo "== $name: $PY -m train --corpus $DATA $args --out $run"
   # shellcheck disable=SC2086  # the recipe is a list of words
   $PY -m train --corpus "$DATA" $args --out "$run" --overwrite --quiet
   $PY -m export "$run" | tail -1
-  $PY -m export.evaluate "$run/model.onnx" "$DATA"
+  text=$DATA
+  if [ ! -f "$DATA" ]; then  # a named corpus (default, tinyshakespeare): evaluate the text training read
+    text="$run/corpus.txt"
+    $PY -c "import sys; from train.data import load_corpus; sys.stdout.buffer.write(load_corpus(sys.argv[1]).text.encode())" \
+      "$DATA" >"$text"
+  fi
+  $PY -m export.evaluate "$run/model.onnx" "$text"
   $PY -c "import torch, sys; s = torch.load(sys.argv[1], weights_only=True)['summary']; \
 print(f\"steps reached: {s['steps']} at {s['chars_per_second']} chars/s \
 (the --steps twin: replace --time-budget with --steps {s['steps']})\")" "$run/last.pt"
