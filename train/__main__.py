@@ -41,12 +41,13 @@ PRESETS = {
     "hihell": dict(
         cell="rnn", layers=1, hidden=5, input="onehot", dropout=0.0, optimizer="adam", lr=0.1,
         weight_decay=0.0, schedule="constant", warmup_steps=0, grad_clip=0.0, epochs=100, seed=777,
-        batch_size=1, seq_len=6, val_fraction=0.0,
+        batch_size=1, seq_len=6, val_fraction=0.0, ema=0.0,
     ),
     "text": dict(
         cell="gru", layers=2, hidden=256, input="embedding", dropout=0.0, optimizer="adamw", lr=3e-3,
         weight_decay=0.01, schedule="cosine", warmup_steps=50, grad_clip=1.0, seed=1337,
         batch_size=32, seq_len=64, val_fraction=0.1,  # T 64 over 128: bench/recipes.sh (docs/performance.md)
+        ema=0.99,  # won on both corpora and both seeds, free per step (docs/training-regularizers.md)
     ),
 }
 
@@ -130,9 +131,10 @@ def parser() -> argparse.ArgumentParser:
                         "new mask per time step, this holds one per sequence")
     r.add_argument("--locked-output", type=float, default=0.0, metavar="P",
                    help="locked dropout on the top layer's output, before the projection")
-    r.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
-                   help="keep an exponential moving average of the weights (e.g. 0.999): validation judges it, "
-                        "checkpoint.pt holds it and export writes it; last.pt keeps both for --resume")
+    r.add_argument("--ema", type=float, metavar="DECAY",
+                   help="keep an exponential moving average of the weights: validation judges it, checkpoint.pt "
+                        "holds it and export writes it; last.pt keeps both for --resume (default: 0.99, off for "
+                        "hihell; --ema 0 turns it off)")
     r.add_argument("--forget-bias", type=float, default=None, metavar="B",
                    help="LSTM only: every layer's forget-gate bias starts at B (1.0 in Jozefowicz et al. 2015)")
     b = p.add_argument_group("budget (the first reached ends training; none given = 1 epoch; "
@@ -166,14 +168,15 @@ def configs(args: argparse.Namespace, vocab_size: int) -> tuple[ModelConfig, Tra
         time_budget=args.time_budget, val_fraction=pick("val_fraction"), eval_every=args.eval_every,
         seed=pick("seed"), device=args.device, dtype=args.dtype, compile=args.compile, tf32=args.tf32,
         weight_drop=args.weight_drop, locked_input=args.locked_input, locked_hidden=args.locked_hidden,
-        locked_output=args.locked_output, ema=args.ema, forget_bias=args.forget_bias,
+        locked_output=args.locked_output, ema=pick("ema"), forget_bias=args.forget_bias,
     )
     return model_cfg, train_cfg
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:
     return RunOptions(resume=args.resume, overwrite=args.overwrite, save_every=args.save_every,
-                      log_every=args.log_every, progress="quiet" if args.quiet else "auto")
+                      log_every=args.log_every, progress="quiet" if args.quiet else "auto",
+                      unset=frozenset(name for name in rundir.CHANGED_DEFAULTS if getattr(args, name) is None))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -53,7 +53,7 @@ class TrainConfig:
     dtype: str = "float32"  # bfloat16: autocast the training step (evaluation and the weights stay float32)
     compile: bool = False  # torch.compile the training step's module (CUDA only)
     tf32: bool = True  # on CUDA, float32 matmuls may use TF32 tensor cores (10 mantissa bits: ample for SGD)
-    # Regularizers, all off: the 131 s / 20 min ablations that would justify turning one on are not run yet
+    # Regularizers, all off here; the CLI's text preset turns --ema on (0.99): docs/training-regularizers.md
     weight_drop: float = 0.0  # DropConnect on each layer's weight_hh, one mask per batch (AWD-LSTM: 0.2-0.5)
     locked_input: float = 0.0  # locked dropout on the embedding, one mask per sequence held over time
     locked_hidden: float = 0.0  # locked dropout between layers
@@ -99,6 +99,9 @@ class RunOptions:
     save_every: int = 200  # last.pt every N steps: a kill loses at most N steps (a save takes milliseconds)
     log_every: int = 100  # plain progress lines every N steps when stderr is not a terminal
     progress: str = "lines"  # auto (bar on a terminal, else lines) | bar | lines | quiet
+    # the options the command line left to their default: on --resume, those whose default changed since the
+    # run began keep last.pt's value (rundir.CHANGED_DEFAULTS)
+    unset: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.resume not in (None, "yes", "auto"):
@@ -182,33 +185,40 @@ def _lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
 
 
 def _open_folder(out: Path, run: RunOptions, sha256: str, corpus: Corpus, model_cfg: ModelConfig,
-                 cfg: TrainConfig) -> dict[str, Any] | None:
-    """Apply --overwrite / --resume to the run folder; the last.pt to continue from, or None to start."""
+                 cfg: TrainConfig) -> tuple[dict[str, Any] | None, TrainConfig]:
+    """Apply --overwrite / --resume to the run folder: the last.pt to continue from (None to start) and the
+    settings to train with (cfg, but a resumed run keeps the old value of a default changed since it began)."""
     files = rundir.held(out)
     if run.overwrite:
         removed = rundir.clear(out)
         if removed:
             log.warning("--overwrite: removed %s from %s (model.onnx, if any, is left for whoever serves it)",
                         ", ".join(removed), out)
-        return None
+        return None, cfg
     if run.resume:
         if (out / checkpoint.LAST).exists():
             saved = checkpoint.load(out, checkpoint.LAST)
+            kept = rundir.kept_defaults(saved, rundir.config_dict(cfg), run.unset)
+            if kept:
+                cfg = replace(cfg, **kept)
+                log.warning("--resume: keeps %s, as %s was trained (the default changed since that run began, "
+                            "and a run cannot change it midway)", ", ".join(f"{k}={v!r}" for k, v in kept.items()),
+                            out / checkpoint.LAST)
             problems = rundir.mismatches(saved, sha256, corpus.vocab, model_cfg.to_dict(), rundir.config_dict(cfg))
             if problems:
                 raise rundir.RunDirError(
                     f"{out / checkpoint.LAST} is another run: " + "; ".join(problems) + ". --resume may change "
                     "only the budget (--steps, --epochs, --time-budget); --overwrite starts afresh")
-            return saved
+            return saved, cfg
         if files:
             raise rundir.RunDirError(f"{out} holds {', '.join(files)} but no {checkpoint.LAST} to resume from; "
                                      "--overwrite replaces that run")
         if run.resume == "auto":
-            return None
+            return None, cfg
         raise rundir.RunDirError(f"{out}: no run to resume (no {checkpoint.LAST}); --resume auto starts one")
     if files:
         raise rundir.refuse_used(out, files)
-    return None
+    return None, cfg
 
 
 class _Run:
@@ -244,7 +254,8 @@ class _Run:
         inputs, targets = streams(train_ids, cfg.batch_size)  # may refuse the text: before any file
         self.rows = world.share(cfg.batch_size)  # equal shares: the batch divides among the ranks
         self.inputs, self.targets = inputs[self.rows], targets[self.rows]  # this rank's contiguous streams
-        self.saved = self._open(corpus, model_cfg)
+        self.saved, self.cfg = self._open(corpus, model_cfg)
+        cfg = self.cfg  # a resumed run may keep last.pt's value of a changed default
         self.metrics = self.out / rundir.METRICS
 
         torch.manual_seed(cfg.seed)
@@ -278,13 +289,13 @@ class _Run:
         return self.model if self.average is None else self.average.model
 
     # --- files -------------------------------------------------------------------------------------
-    def _open(self, corpus: Corpus, model_cfg: ModelConfig) -> dict | None:
-        """Rank 0 applies --overwrite / --resume and hands every rank its verdict (and last.pt, so that no
-        other node needs to see the run folder)."""
-        failure, saved = None, None
+    def _open(self, corpus: Corpus, model_cfg: ModelConfig) -> tuple[dict | None, TrainConfig]:
+        """Rank 0 applies --overwrite / --resume and hands every rank its verdict (and last.pt and the settings
+        it keeps, so that no other node needs to see the run folder)."""
+        failure, saved, cfg = None, None, self.cfg
         if self.world.main:
             try:
-                saved = _open_folder(self.out, self.run, self.sha256, corpus, model_cfg, self.cfg)
+                saved, cfg = _open_folder(self.out, self.run, self.sha256, corpus, model_cfg, self.cfg)
                 ranks = 1 if saved is None else saved["resume"].get("world_size", 1)
                 if saved is not None and ranks != self.world.size:
                     raise rundir.RunDirError(
@@ -293,10 +304,10 @@ class _Run:
                         f"--nproc-per-node {ranks} (or --overwrite to start afresh)")
             except (rundir.RunDirError, checkpoint.CheckpointError) as exc:
                 failure = exc
-        failure, saved = self.world.broadcast((failure, saved))
+        failure, saved, cfg = self.world.broadcast((failure, saved, cfg))
         if failure is not None:
             raise failure
-        return saved
+        return saved, cfg
 
     def emit(self, record: dict) -> None:
         if not self.world.main:

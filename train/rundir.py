@@ -27,6 +27,10 @@ OPERATIONAL = ("out", "device", "compile", "tf32")
 ADDED_LATER = {"dtype": "float32", "weight_drop": 0.0, "locked_input": 0.0, "locked_hidden": 0.0,
                "locked_output": 0.0, "ema": 0.0, "forget_bias": None}
 
+# Defaults that changed, with the value runs begun before the change trained with. On --resume an option left
+# unset that last.pt holds at that old value keeps it (CHANGELOG.md): the old run continues as it was trained.
+CHANGED_DEFAULTS = {"ema": 0.0}
+
 
 class RunDirError(ValueError):
     """The run folder does not hold what was asked for (a used folder, an incompatible last.pt)."""
@@ -78,6 +82,17 @@ def mismatches(saved: dict[str, Any], sha256: str, vocab: tuple[str, ...], model
         if there != value:
             problems.append(f"{key}: {there!r} there, {value!r} here")
     return problems
+
+
+def kept_defaults(saved: dict[str, Any], train_config: dict[str, Any], unset: frozenset[str]) -> dict[str, Any]:
+    """The settings a resumed run keeps from last.pt: those left unset (unset) whose default changed since
+    last.pt was written, which last.pt holds at the old default and the run asked for holds at the new."""
+    kept = {}
+    for key in unset & CHANGED_DEFAULTS.keys():
+        there = saved["train_config"].get(key, ADDED_LATER.get(key))
+        if there == CHANGED_DEFAULTS[key] and train_config[key] != there:
+            kept[key] = there
+    return kept
 
 
 LATEST = "latest"  # in a --runs folder: a link to the run trained last, which export publishes

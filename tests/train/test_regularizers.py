@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from support import run_stage
 from torch import nn
 
+from train import __main__ as cli
 from train import checkpoint
 from train.averaging import Average
 from train.data import load_corpus
@@ -21,6 +22,7 @@ from train.evaluate import evaluate
 from train.loop import RunOptions, TrainConfig, train
 from train.model import CELLS, CharRNN, ModelConfig, Noise
 from train.noise import Masks, Rates
+from train.rundir import RunDirError
 
 QUIET = RunOptions(progress="quiet")
 
@@ -238,6 +240,44 @@ def test_resume_is_bit_exact_with_each_option(tmp_path, tiny_corpus, name):
     train(corpus, model_cfg, part, QUIET)
     train(corpus, model_cfg, replace(part, steps=16), RunOptions(resume="yes", progress="quiet"))
     _same_run(cfg.out, part.out)
+
+
+# --- --ema 0.99 as the text preset's default ------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, ema, unset", [
+    ([], 0.99, {"ema"}),                              # the text preset: on
+    (["--corpus", "hihell"], 0.0, {"ema"}),           # the seed lesson keeps its plain weights
+    (["--ema", "0"], 0.0, set()),                     # off, said on the command line
+    (["--ema", "0.995"], 0.995, set()),
+])
+def test_ema_is_the_text_default(argv, ema, unset):
+    args = cli.parser().parse_args(["--out", "runs/x", *argv])
+    assert cli.configs(args, vocab_size=10)[1].ema == ema
+    assert cli.run_options(args).unset == unset
+
+
+def test_a_run_begun_before_ema_was_the_default_resumes_as_it_was_trained(tmp_path, tiny_corpus):
+    """last.pt at ema 0.0 (the old default) and --ema left unset: the run keeps 0.0 and ends bit for bit as
+    the uninterrupted run; --ema 0.99 said on the command line is refused, naming the difference."""
+    corpus, model_cfg, cfg = _setup(tiny_corpus, tmp_path / "whole", ema=0.0)
+    train(corpus, model_cfg, cfg, QUIET)
+    part = replace(cfg, out=tmp_path / "part", steps=10)
+    train(corpus, model_cfg, part, QUIET)
+    new_default = replace(part, steps=16, ema=0.99)
+    with pytest.raises(RunDirError, match=r"ema: 0\.0 there, 0\.99 here"):
+        train(corpus, model_cfg, new_default, RunOptions(resume="yes", progress="quiet"))
+    train(corpus, model_cfg, new_default, RunOptions(resume="yes", progress="quiet", unset=frozenset({"ema"})))
+    assert checkpoint.load(part.out, checkpoint.LAST)["train_config"]["ema"] == 0.0
+    _same_run(cfg.out, part.out)
+
+
+def test_the_command_line_resumes_an_old_run_folder(tmp_path, tiny_corpus):
+    common = ["train", "--corpus", str(tiny_corpus), "--hidden", "8", "--batch-size", "2", "--seq-len", "8",
+              "--eval-every", "2", "--out", str(tmp_path)]
+    run_stage(*common, "--ema", "0", "--steps", "2")
+    proc = run_stage(*common, "--steps", "4", "--resume")
+    assert f"--resume: keeps ema=0.0, as {tmp_path / 'last.pt'} was trained" in proc.stderr
+    assert checkpoint.load(tmp_path, checkpoint.LAST)["summary"]["steps"] == 4
 
 
 @pytest.mark.parametrize("name", ["all", "ema"])
