@@ -76,7 +76,7 @@ demo: $(STAGES_STAMP)
 	trap 'kill $$pid 2>/dev/null' EXIT; \
 	for i in $$(seq 300); do grep -q '^charrnn serving' $(DEMO_DIR)/serve.log && break; \
 		kill -0 $$pid 2>/dev/null || { cat $(DEMO_DIR)/serve.log; exit 1; }; sleep 0.1; done; \
-	head -n1 $(DEMO_DIR)/serve.log; \
+	grep -m1 '^charrnn serving' $(DEMO_DIR)/serve.log; \
 	target=$$(sed -n 's/^charrnn serving .* on \([^ ]*\) (.*/\1/p' $(DEMO_DIR)/serve.log); \
 	$(BIN)/python -m serve.client generate --target $$target --prompt "The " --max-chars 400 --temperature 0.8
 	@echo; echo "To watch the model think in a browser: make playground (then open the URL it prints)"

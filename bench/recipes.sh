@@ -22,8 +22,9 @@ declare -A RECIPES=(
   # 131 s on 2 CPU cores, goal windowed <= 1.47 (issue 24): with --ema 0.99, the default since issue 24,
   # 1.4847 / 1.4575 as its --steps 954 twin (before it, --ema 0: 1.4949 / 1.4670 in 954 steps on a quiet machine)
   [cpu-131]="--threads 2 --batch-size 64 --seq-len 64 --lr 6e-3 --time-budget 131"
-  # 20 min on 2 CPU cores, goals windowed <= 1.47 and carried <= 1.40: 1.4676 / 1.4369, 4542 steps
-  [cpu-1200]="--threads 2 --hidden 512 --dropout 0.2 --batch-size 32 --seq-len 64 --eval-every 500 --time-budget 1200"
+  # 20 min on 2 CPU cores, goals windowed <= 1.42 and carried <= 1.40 (issue 24): 1.4569 / 1.4275, 3021 steps on a
+  # host 0.65x as fast as the one of the run before EMA (cpu-1200-ema0); the same as cpu-1200-ema995
+  [cpu-1200]="--threads 2 --hidden 512 --dropout 0.2 --batch-size 32 --seq-len 64 --eval-every 500 --ema 0.995 --time-budget 1200"
   # a lent GPU machine, goal windowed <= 1.35: NOT MEASURED (no GPU was lent to the task that wrote it)
   [gpu-1200]="--device cuda --dtype bfloat16 --cell lstm --layers 3 --hidden 1024 --batch-size 128 --seq-len 256 --dropout 0.25 --lr 2e-3 --time-budget 1200 --eval-every 500"
   # --- the 131 s runs that chose the CPU defaults and the recipe (docs/performance.md, "CPU defaults, measured") ---
@@ -33,14 +34,17 @@ declare -A RECIPES=(
   [cpu-131-b64t64]="--threads 2 --batch-size 64 --seq-len 64 --ema 0 --time-budget 131"                # 1.5250 / 1.4960
   [cpu-131-b32t64]="--threads 2 --batch-size 32 --seq-len 64 --ema 0 --time-budget 131"                # 1.5096 / 1.4787
   # --- the 20 min runs ---
+  # the recipe before issue 24: 1.4676 / 1.4369 in 4542 steps (7.7k chars/s); 1.4623 / 1.4326 in 2914 (5.0k chars/s)
+  [cpu-1200-ema0]="--threads 2 --hidden 512 --dropout 0.2 --batch-size 32 --seq-len 64 --eval-every 500 --ema 0 --time-budget 1200"
   [cpu-1200-gru384]="--threads 2 --hidden 384 --dropout 0.15 --batch-size 32 --seq-len 64 --lr 4e-3 --eval-every 500 --ema 0 --time-budget 1200"  # 1.4682 / 1.4387, 7141 steps
   [cpu-1200-gru512-lr6]="--threads 2 --hidden 512 --dropout 0.25 --batch-size 64 --seq-len 64 --lr 6e-3 --eval-every 400 --ema 0 --time-budget 1200"  # 1.6393 / 1.6217 at step 800 of 2510, then worse
 )
 
-# --- issue 24's ablation candidates: base, wd02, locked-lo, ema99, lstm-fb1 (and base, ema99 at 1338) measured as STEPS=954 twins
-# (docs/training-regularizers.md); the rest NOT RUN YET. Each is cpu-131 plus one regularizer (or the
-# combined candidate), at 2 seeds (1337 is today's recipe itself), named abl-KEY-sSEED; `ablations` runs all 22:
-#   bench/recipes.sh ../shared/data/tinyshakespeare.txt ablations        # ~3 min each: a quiet machine only
+# --- issue 24's ablation candidates: base, wd02, locked-lo, ema99, ema995, lstm-fb1, combined (and base, ema99 at 1338)
+# measured as STEPS=954 twins (docs/training-regularizers.md); the rest NOT RUN. Each is cpu-131 as it was before
+# EMA (--ema 0) plus one regularizer (or the combined candidate), at 2 seeds, named abl-KEY-sSEED; `ablations`
+# runs all 22:
+#   STEPS=954 bench/recipes.sh ../shared/data/tinyshakespeare.txt ablations   # ~4.5 min each: a quiet machine only
 # Compare at equal wall time: the closing line of each run gives its chars/s and steps reached.
 # The base states --ema 0 (the recipe as it was before EMA became the default); an EMA candidate's own --ema
 # comes later on the line, and the last one given wins.
@@ -64,17 +68,19 @@ for key in "${!ABLATIONS[@]}"; do
   done
 done
 
-# --- issue 24's 20 min candidates: cpu-1200 plus the regularizers that won (or should pay once it overfits) ---
-RECIPES[cpu-1200-ema995]="${RECIPES[cpu-1200]} --ema 0.995"
-RECIPES[cpu-1200-ema995-wd02]="${RECIPES[cpu-1200]} --ema 0.995 --weight-drop 0.2"
+# --- issue 24's 20 min candidates, one after the other (docs/training-regularizers.md): cpu-1200-ema0 1.4623 / 1.4326,
+# ema995 1.4569 / 1.4275 (the recipe now), ema995-wd02 1.4789 / 1.4538
+RECIPES[cpu-1200-ema995]="${RECIPES[cpu-1200-ema0]} --ema 0.995"
+RECIPES[cpu-1200-ema995-wd02]="${RECIPES[cpu-1200-ema0]} --ema 0.995 --weight-drop 0.2"
 
 # --- the defaults question: make demo's own run (the embedded corpus, 180 s) with and without a regularizer.
 # Pass `default` for the corpus: bench/recipes.sh default demo-base-s1337 demo-ema99-s1337 ...
+# Measured as STEPS=1536 twins (make demo's steps on a quiet machine): base, ema99 at both seeds, wd02 at 1337.
 declare -A DEMO=(
-  [base]=""
-  [ema99]="--ema 0.99"
-  [wd02]="--weight-drop 0.2"
-  [ema99-wd02]="--ema 0.99 --weight-drop 0.2"
+  [base]=""                                # 1.1752 / 1.1390 (s1337), 1.1700 / 1.1327 (s1338)
+  [ema99]="--ema 0.99"                     # 1.1593 / 1.1267, 1.1582 / 1.1238: the default since issue 24
+  [wd02]="--weight-drop 0.2"               # 1.1600 / 1.1307 (s1337), 9% slower per step
+  [ema99-wd02]="--ema 0.99 --weight-drop 0.2"  # NOT RUN: whether weight drop adds to EMA here
 )
 for key in "${!DEMO[@]}"; do
   for seed in 1337 1338; do
