@@ -62,11 +62,16 @@ declare -A ABLATIONS=(
   [lstm-fb1]="--cell lstm --forget-bias 1.0"                         # Jozefowicz et al. 2015
   [combined]="--weight-drop 0.2 --locked-input 0.1 --locked-hidden 0.1 --locked-output 0.1 --ema 0.99"
 )
-for key in "${!ABLATIONS[@]}"; do
-  for seed in 1337 1338; do
-    RECIPES[abl-$key-s$seed]="$ABLATION_BASE ${ABLATIONS[$key]} --seed $seed"
+seeded() {  # seeded PREFIX BASE CANDIDATES: RECIPES[PREFIX-KEY-sSEED] = BASE + each candidate's own, at 2 seeds
+  local prefix=$1 base=$2 key seed
+  local -n candidates=$3
+  for key in "${!candidates[@]}"; do
+    for seed in 1337 1338; do
+      RECIPES[$prefix-$key-s$seed]="$base ${candidates[$key]} --seed $seed"
+    done
   done
-done
+}
+seeded abl "$ABLATION_BASE" ABLATIONS
 
 # --- issue 24's 20 min candidates, one after the other (docs/training-regularizers.md): cpu-1200-ema0 1.4623 / 1.4326,
 # ema995 1.4569 / 1.4275 (the recipe now), ema995-wd02 1.4789 / 1.4538
@@ -82,11 +87,7 @@ declare -A DEMO=(
   [wd02]="--weight-drop 0.2"               # 1.1600 / 1.1307 (s1337)
   [ema99-wd02]="--ema 0.99 --weight-drop 0.2"  # 1.1534 / 1.1246, 1.1487 / 1.1212 (not a default: loses on tiny-shakespeare)
 )
-for key in "${!DEMO[@]}"; do
-  for seed in 1337 1338; do
-    RECIPES[demo-$key-s$seed]="--time-budget 180 --ema 0 ${DEMO[$key]} --seed $seed"
-  done
-done
+seeded demo "--time-budget 180 --ema 0" DEMO
 
 args_of() {  # a recipe's arguments; with STEPS=N its --steps twin: the same steps whatever the machine's speed
   local args=${RECIPES[$1]:?unknown recipe $1 (known: ${!RECIPES[*]})}

@@ -63,6 +63,11 @@ def corpus_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def saved_setting(saved: dict[str, Any], key: str) -> Any:  # Any: each setting has its own type
+    """A training setting as last.pt holds it; for a last.pt older than the option, the value it trained with."""
+    return saved["train_config"].get(key, ADDED_LATER.get(key))
+
+
 def mismatches(saved: dict[str, Any], sha256: str, vocab: tuple[str, ...], model_config: dict[str, Any],
                train_config: dict[str, Any]) -> list[str]:
     """What differs between last.pt and the run asked for, other than the budget and where it runs."""
@@ -78,7 +83,7 @@ def mismatches(saved: dict[str, Any], sha256: str, vocab: tuple[str, ...], model
     for key, value in train_config.items():
         if key in BUDGET or key in OPERATIONAL:
             continue
-        there = saved["train_config"].get(key, ADDED_LATER.get(key))
+        there = saved_setting(saved, key)
         if there != value:
             problems.append(f"{key}: {there!r} there, {value!r} here")
     return problems
@@ -89,7 +94,7 @@ def kept_defaults(saved: dict[str, Any], train_config: dict[str, Any], unset: fr
     last.pt was written, which last.pt holds at the old default and the run asked for holds at the new."""
     kept = {}
     for key in unset & CHANGED_DEFAULTS.keys():
-        there = saved["train_config"].get(key, ADDED_LATER.get(key))
+        there = saved_setting(saved, key)
         if there == CHANGED_DEFAULTS[key] and train_config[key] != there:
             kept[key] = there
     return kept
